@@ -1,0 +1,349 @@
+"""Typed run configuration: YAML recipes, `base:` inheritance, `key.sub=value` overrides.
+
+Every experiment is a config (big_vision's rule). A recipe is a YAML file whose top-level keys are
+the sections below; `base: other_recipe` inherits from another recipe and overrides on top.
+Validation happens before any process starts: an unknown key names the valid ones and the closest
+match; a value of the wrong type names the key, the expected type and the value given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be turned into a valid Config."""
+
+
+@dataclass
+class ModelConfig:
+    """The towers. Each is a Hugging Face checkpoint (hub id or local directory) loaded with its
+    weights, or, when the path is empty, built with random weights from an HF-style config dict."""
+
+    vision: str = ""
+    vision_config: dict = field(default_factory=dict)
+    text: str = ""
+    text_config: dict = field(default_factory=dict)
+    tokenizer: str = ""  # defaults to `text`
+    image_size: int = 0  # 0 = the vision checkpoint's own size; else interpolate positions
+
+
+@dataclass
+class TaskConfig:
+    kind: Literal["siglip"] = "siglip"
+    embed_dim: int = 768
+    pooling: Literal["mean", "cls", "map", "last"] = "mean"  # image tower pooling
+    text_pooling: Literal["mean", "last"] = "mean"
+    text_attention: Literal["causal", "bidirectional"] = "causal"
+    init_logit_scale: float = math.log(10.0)
+    init_logit_bias: float = -10.0
+    loss_chunk_size: int = 0  # 0 = whole local block at once
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard URLs: paths, brace patterns, pipe:/hf:// URLs
+    val: str = ""
+    batch_size: int = 32  # per rank, per micro-step
+    num_workers: int = 2
+    max_text_len: int = 77
+    shuffle: bool = True
+    max_bad_fraction: float = 0.01
+    max_pixels: int = 50_000_000
+    max_caption_bytes: int = 4096
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    lr_base_batch: int = 0  # >0: lr is scaled by global_batch / lr_base_batch
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    epochs: float = 0.0  # >0: max_steps derived from the train split size
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 = off
+    accum_steps: int = 1
+    max_nonfinite_in_a_row: int = 5
+
+
+@dataclass
+class EngineConfig:
+    kind: Literal["ddp"] = "ddp"
+    precision: Literal["fp32", "bf16"] = "bf16"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps; 0 = only at the end
+    keep: int = 3
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "vlscale"
+    entity: str = ""
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps; 0 = only at the end
+    batch_size: int = 64
+    zeroshot: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    timeout_minutes: int = 30
+
+
+@dataclass
+class Config:
+    name: str = ""
+    run_dir: str = ""  # default runs/<name>
+    resume: str = "auto"  # auto | none | path to a checkpoint directory
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where no information is lost."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad
+        return str(value)  # `run_dir=123` or `resume=none` are strings too
+    raise bad
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    where = prefix.rstrip(".") or "the top level"
+    return ConfigError(
+        f"unknown key '{prefix}{key}' in {where}; valid keys: {', '.join(names)}{hint}"
+    )
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(cls, key, f"{prefix}." if prefix else "")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _check_override_key(dotted: str) -> None:
+    """Name the valid keys even for overrides of dict-typed fields' parents."""
+    cls: Any = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in names:
+            raise _unknown_key(cls, part, "".join(p + "." for p in parts[:i]))
+        tp = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(tp):
+            return  # a leaf (or a free-form dict such as model.text_config)
+        cls = tp
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe path, or a name in recipes/ (with or without .yaml)."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    for cand in (RECIPES_DIR / f"{recipe}.yaml", RECIPES_DIR / str(recipe)):
+        if cand.is_file():
+            return cand
+    known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise ConfigError(f"no recipe {str(recipe)!r}: not a file, and not one of {', '.join(known)}")
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(
+            f"recipe inheritance loops: {' -> '.join(str(p) for p in seen + (path,))}"
+        )
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(tree).__name__}")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    base_path = Path(base)
+    if not base_path.is_absolute() and (path.parent / base_path).is_file():
+        base_path = path.parent / base_path
+    else:
+        base_path = resolve_recipe(base)
+    inherited = _load_tree(base_path, seen + (path,))
+    inherited.pop("name", None)  # a run is named after its own recipe, not its base
+    return _deep_merge(inherited, tree)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    _check_override_key(key)
+    # YAML gives the natural types: 3e-4 -> float, true -> bool, [1, 2] -> list, {a: 1} -> dict.
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Recipe (path or name in recipes/) + `key.sub=value` overrides -> a validated Config."""
+    tree: dict = {}
+    if recipe is not None:
+        path = resolve_recipe(recipe)
+        tree = _load_tree(path)
+        tree.setdefault("name", path.stem)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that types alone cannot express."""
+    if not cfg.run_dir:
+        cfg.run_dir = f"runs/{cfg.name or 'run'}"
+    checks = [
+        (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
+        (cfg.optim.accum_steps >= 1, "optim.accum_steps must be >= 1"),
+        (cfg.optim.max_steps > 0 or cfg.optim.epochs > 0, "set optim.max_steps or optim.epochs"),
+        (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),
+        (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
+        (cfg.logging.every >= 1, "logging.every must be >= 1"),
+        (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
+        (bool(cfg.model.vision or cfg.model.vision_config), "set model.vision or vision_config"),
+        (bool(cfg.model.text or cfg.model.text_config), "set model.text or model.text_config"),
+        (bool(cfg.model.tokenizer or cfg.model.text), "set model.tokenizer (no text checkpoint)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

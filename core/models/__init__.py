@@ -1,0 +1,74 @@
+"""Our model implementations and the Hugging Face checkpoint API.
+
+    model = core.models.from_pretrained("path/to/hf_checkpoint")   # any supported family
+    core.models.save_pretrained(model, "out/")                      # transformers loads it back
+
+Every model class implements the same small protocol:
+    MODEL_TYPES: tuple[str, ...]                 config.json `model_type`s it loads
+    from_hf_config(cls, cfg: dict) -> model      build from a config.json dict (either the
+                                                 current or the older transformers format)
+    hf_state_dict_from(state, cfg) -> state      map a checkpoint's tensors to our keys
+                                                 (strip wrapper prefixes, e.g. a full SigLIP
+                                                 or PaliGemma checkpoint's sub-model)
+    load_hf_state_dict(self, state)              load those tensors into a model built on the
+                                                 meta device (assign=True), rebuild non-persistent
+                                                 buffers (RoPE tables), tie weights; missing or
+                                                 unexpected keys are an error naming them
+    hf_config(self) -> dict                      config.json that transformers loads
+    hf_state_dict(self) -> state                 tensors under transformers' names
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import hub
+
+_FAMILIES: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    for model_type in cls.MODEL_TYPES:
+        _FAMILIES[model_type] = cls
+    return cls
+
+
+def _registry() -> dict[str, type]:
+    # Import the family modules lazily so `core.models.attention` stays cheap to import.
+    from . import decoder, vision  # noqa: F401
+
+    return _FAMILIES
+
+
+def model_class(model_type: str) -> type:
+    families = _registry()
+    if model_type not in families:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(families))}"
+        )
+    return families[model_type]
+
+
+def from_config(cfg: dict) -> torch.nn.Module:
+    """A randomly initialised model of the family named by cfg['model_type']."""
+    return model_class(cfg["model_type"]).from_hf_config(cfg)
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a local Hugging Face checkpoint directory into our implementation of its family."""
+    cfg = hub.read_config(path)
+    cls = model_class(cfg["model_type"])
+    with torch.device("meta"):
+        model = cls.from_hf_config(cfg)
+    state = cls.hf_state_dict_from(hub.load_state_dict(path), cfg)
+    model.load_hf_state_dict(state)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: int = 5 * 2**30):
+    hub.write_config(model.hf_config(), path)
+    hub.save_state_dict(model.hf_state_dict(), path, max_shard_bytes=max_shard_bytes)

@@ -1,0 +1,138 @@
+"""The one attention entry point every model calls.
+
+flash-attn (varlen) on CUDA when it is importable, torch SDPA otherwise. Both paths take the same
+arguments and compute the same function; the SDPA path is the reference the tests check.
+
+Mask kinds:
+  causal         token t sees tokens <= t (offset by the KV-cache length when decoding)
+  bidirectional  every token sees every token (vision towers, bidirectional text towers)
+  prefix         bidirectional over the first `prefix_len[b]` tokens of row b, causal after
+  packed         several sequences in one row, given by `segment_ids` [B, T] (-1 = padding);
+                 causal inside a segment, nothing across segments
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional extra `gpu`
+    from flash_attn import flash_attn_func, flash_attn_varlen_func  # type: ignore
+
+    HAVE_FLASH = True
+except ImportError:  # pragma: no cover - flash-attn is never installed on CPU machines
+    HAVE_FLASH = False
+
+MASK_KINDS = ("causal", "bidirectional", "prefix", "packed")
+
+
+def build_mask(
+    mask_kind: str,
+    q_len: int,
+    kv_len: int,
+    *,
+    device: torch.device,
+    prefix_len: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, q_len, kv_len] (True = may attend), or None for 'no mask'.
+
+    Queries are the last `q_len` positions of the `kv_len` keys (KV-cache decoding).
+    `key_padding` [B, kv_len] marks real keys with True.
+    """
+    if mask_kind not in MASK_KINDS:
+        raise ValueError(f"unknown mask_kind {mask_kind!r}; valid: {', '.join(MASK_KINDS)}")
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_pos = torch.arange(kv_len, device=device)[None, :]
+    if mask_kind == "bidirectional":
+        mask = None
+    elif mask_kind == "causal":
+        mask = (k_pos <= q_pos)[None, None]
+    elif mask_kind == "prefix":
+        if prefix_len is None:
+            raise ValueError("mask_kind='prefix' needs prefix_len [B]")
+        in_prefix = k_pos[None] < prefix_len.to(device)[:, None, None]  # [B, 1, kv]
+        mask = ((k_pos <= q_pos)[None] | in_prefix)[:, None]
+    else:  # packed
+        if segment_ids is None:
+            raise ValueError("mask_kind='packed' needs segment_ids [B, T]")
+        seg_q = segment_ids[:, -q_len:]
+        same = seg_q[:, :, None] == segment_ids[:, None, :]
+        mask = (same & (k_pos <= q_pos)[None] & (seg_q[:, :, None] >= 0))[:, None]
+        # Padding rows (segment -1) would see nothing and give NaN in softmax: let them see
+        # themselves; their outputs are ignored by every loss.
+        mask = mask | (torch.eye(kv_len, device=device, dtype=torch.bool)[-q_len:][None, None])
+    if key_padding is not None:
+        kp = key_padding[:, None, None, :].to(torch.bool)
+        mask = kp if mask is None else mask & kp
+    return mask
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_kind: str = "causal",
+    *,
+    prefix_len: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    key_padding: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D] with Hq % Hkv == 0 (GQA/MQA) -> [B, Hq, T, D]."""
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    if _use_flash(q, mask_kind, prefix_len, key_padding):
+        return _flash(q, k, v, mask_kind, segment_ids, scale, dropout_p)
+    if mask_kind == "causal" and key_padding is None and T == S:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != k.shape[1]
+        )
+    mask = build_mask(
+        mask_kind, T, S, device=q.device, prefix_len=prefix_len,
+        segment_ids=segment_ids, key_padding=key_padding,
+    )  # fmt: skip
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != k.shape[1]
+    )
+
+
+def _use_flash(q, mask_kind, prefix_len, key_padding) -> bool:
+    # flash-attn has no arbitrary masks: prefix-LM and padded keys take the SDPA path.
+    return (
+        HAVE_FLASH
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and mask_kind in ("causal", "bidirectional", "packed")
+        and key_padding is None
+        and prefix_len is None
+    )
+
+
+def _flash(q, k, v, mask_kind, segment_ids, scale, dropout_p):  # pragma: no cover - CUDA only
+    # flash-attn wants [B, T, H, D].
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    B, T, H, D = q.shape
+    if mask_kind != "packed":
+        out = flash_attn_func(
+            q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=mask_kind == "causal"
+        )
+        return out.transpose(1, 2)
+    # Packed: segments are contiguous runs of equal id in each row -> cumulative lengths.
+    # (Decoding with a packed mask is not supported; T == S here.)
+    flat_seg = segment_ids.reshape(-1)
+    row_start = torch.zeros_like(flat_seg, dtype=torch.bool)
+    row_start[::T] = True
+    starts = row_start | torch.cat(
+        [flat_seg.new_ones(1, dtype=torch.bool), flat_seg[1:] != flat_seg[:-1]]
+    )
+    idx = torch.nonzero(starts).flatten()
+    cu = torch.cat([idx, idx.new_tensor([flat_seg.numel()])]).to(torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    out = flash_attn_varlen_func(
+        q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+        cu, cu, max_len, max_len, dropout_p=dropout_p, softmax_scale=scale, causal=True,
+    )  # fmt: skip
+    return out.reshape(B, T, H, D).transpose(1, 2)

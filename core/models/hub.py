@@ -1,0 +1,79 @@
+"""Hugging Face checkpoint directories: config.json + safetensors (single file or sharded index).
+
+Only safetensors are read: they cannot execute code, unlike pickled `.bin` files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def read_config(path: str | Path) -> dict:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face checkpoint directory: no config.json"
+        )
+    return json.loads(cfg_file.read_text())
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, keys as stored."""
+    path = Path(path)
+    if (path / SINGLE).is_file():
+        return load_file(path / SINGLE)
+    if (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(load_file(path / shard))
+        return state
+    raise FileNotFoundError(
+        f"{path} has no {SINGLE} or {INDEX} (only safetensors checkpoints are loaded)"
+    )
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor], path: str | Path, max_shard_bytes: int = 5 * 2**30
+) -> None:
+    """Write `state` as one safetensors file, or shards + index when larger than max_shard_bytes."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage (tied weights) and non-contiguous views: copy out.
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], path / SINGLE, metadata=meta)
+        return
+    weight_map = {}
+    n = len(shards)
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        save_file(shard, path / name, metadata=meta)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX).write_text(json.dumps(index, indent=2))
+
+
+def write_config(config: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
