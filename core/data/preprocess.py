@@ -1,0 +1,150 @@
+"""Decode raw webdataset samples (image + caption bytes) into model-ready tensors."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.data.errors import BadSample
+
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # maps pixels to [-1, 1]
+
+
+class ImageTextDecoder:
+    """Raw sample dict -> {"pixel_values", "input_ids", "attention_mask", "key"}.
+
+    Raises BadSample (counted and skipped by ShardStream) for data that cannot be used.
+    Captions always end in EOS: text towers pool at the last real token, and tokenizers
+    such as Qwen's add no EOS themselves. Padding uses the pad token, else EOS (Qwen has
+    no pad token); the attention mask marks the real tokens.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean,
+        std,
+        tokenizer,
+        max_text_len: int = 77,
+        max_pixels: int = 64_000_000,
+        max_caption_bytes: int = 2048,
+        image_key: str = "jpg",
+        text_key: str = "txt",
+    ):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer needs an EOS token to end captions with")
+        self.image_size = image_size
+        mean = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
+        # (pixel / 255 - mean) / std as one multiply-add
+        self.scale = (1.0 / (255.0 * std)).float()
+        self.shift = (-mean / std).float()
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
+        self.max_pixels = max_pixels
+        self.max_caption_bytes = max_caption_bytes
+        self.image_key = image_key
+        self.text_key = text_key
+        self.eos_id = tokenizer.eos_token_id
+        pad_id = tokenizer.pad_token_id
+        self.pad_id = self.eos_id if pad_id is None else pad_id
+        probe = tokenizer("a")["input_ids"]
+        self.adds_eos = bool(probe) and probe[-1] == self.eos_id
+
+    def __call__(self, sample: dict) -> dict:
+        text = self.caption(sample)
+        input_ids, attention_mask = self.tokenize(text)
+        return {
+            "pixel_values": self.image(sample),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "key": sample["__key__"],
+        }
+
+    def caption(self, sample: dict) -> str:
+        data = sample.get(self.text_key)
+        if data is None:
+            raise BadSample("missing_text")
+        if len(data) > self.max_caption_bytes:
+            raise BadSample("long_text")
+        try:
+            text = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise BadSample("bad_text") from None
+        if not text:
+            raise BadSample("empty_text")
+        return text
+
+    def tokenize(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        length = self.max_text_len
+        ids = self.tokenizer(text, max_length=length, truncation=True)["input_ids"]
+        if not self.adds_eos:
+            ids = ids[: length - 1] + [self.eos_id]
+        input_ids = torch.full((length,), self.pad_id, dtype=torch.int64)
+        input_ids[: len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        attention_mask = torch.zeros(length, dtype=torch.int64)
+        attention_mask[: len(ids)] = 1
+        return input_ids, attention_mask
+
+    def image(self, sample: dict) -> torch.Tensor:
+        data = sample.get(self.image_key)
+        if data is None:
+            raise BadSample("missing_image")
+        try:
+            image = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            width, height = image.size
+            if width * height > self.max_pixels:
+                raise BadSample("too_large")
+            scale = self.image_size / min(width, height)
+            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps >= the target size.
+            image.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
+            image = self._resize_crop(image.convert("RGB"))
+        except BadSample:
+            raise
+        except Exception:  # PIL raises many types for broken or non-image data
+            raise BadSample("bad_image") from None
+        # Channels-first copy while still uint8: float ops on the permuted view are far slower.
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return pixels.float().mul_(self.scale).add_(self.shift)
+
+    def _resize_crop(self, image: Image.Image) -> Image.Image:
+        """Resize the shorter side to image_size (bicubic), then centre-crop a square."""
+        size = self.image_size
+        width, height = image.size
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        if (new_w, new_h) != (width, height):
+            image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        return image.crop((left, top, left + size, top + size))
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors along a new batch dimension; anything else (keys) becomes a list."""
+    return {
+        name: torch.stack([s[name] for s in samples])
+        if isinstance(samples[0][name], torch.Tensor)
+        else [s[name] for s in samples]
+        for name in samples[0]
+    }
+
+
+def with_attributes(decode: Callable[[dict], dict], key: str = "json") -> Callable[[dict], dict]:
+    """Wrap a decoder to also return the sample's JSON metadata (synthetic shapes attributes)
+    as "attributes"; None when the sample has none or it does not parse."""
+    return functools.partial(_decode_with_attributes, decode, key)
+
+
+def _decode_with_attributes(decode: Callable[[dict], dict], key: str, sample: dict) -> dict:
+    out = decode(sample)
+    try:
+        out["attributes"] = json.loads(sample[key])
+    except (KeyError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        out["attributes"] = None
+    return out

@@ -1,0 +1,229 @@
+"""Synthetic "shapes" data: one to three coloured shapes on a plain background, fully seeded.
+
+Each sample is a dict of attributes (shapes: colour/shape/size/position/jitter, background,
+count); the image, caption, question-answer pairs, chain-of-thought and preference pair are
+pure functions of it. Shapes sit one per cell of a 3x3 grid, so they never overlap, and the
+caption lists them in reading order, so an image has exactly one caption. About 10^3 single-
+shape and 10^6+ multi-shape captions exist: retrieval is learnable (colour, shape, size and
+position must all be bound) and 512 validation captions are almost all distinct.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from core.data.shards import write_sizes, write_tar
+from core.data.tokenizer import train_bpe_tokenizer
+
+log = logging.getLogger(__name__)
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 30),
+    "yellow": (240, 220, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "purple": (140, 60, 190),
+    "pink": (240, 130, 190),
+    "brown": (130, 80, 40),
+}
+BACKGROUNDS = {
+    "white": (250, 250, 250),
+    "gray": (128, 128, 128),
+    "black": (15, 15, 15),
+    "beige": (225, 210, 170),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = {"small": 0.18, "medium": 0.28, "large": 0.38}  # radius as a fraction of a grid cell
+POSITIONS = (
+    "top left", "top", "top right",
+    "left", "center", "right",
+    "bottom left", "bottom", "bottom right",
+)  # fmt: skip
+COUNT_WEIGHTS = {1: 1, 2: 2, 3: 2}  # fewer single-shape images: their captions repeat most
+JITTER = 2  # shapes move up to JITTER/20 of a cell: max radius + jitter stays inside the cell
+NUMBERS = ("zero", "one", "two", "three")
+JPEG_QUALITY = 95
+
+
+def sample_attributes(rng: random.Random) -> dict:
+    count = rng.choices(list(COUNT_WEIGHTS), weights=list(COUNT_WEIGHTS.values()))[0]
+    cells = sorted(rng.sample(range(len(POSITIONS)), count))
+    shapes = [
+        {
+            "colour": rng.choice(list(COLOURS)),
+            "shape": rng.choice(SHAPES),
+            "size": rng.choice(list(SIZES)),
+            "position": POSITIONS[cell],
+            "jitter": [rng.randint(-JITTER, JITTER), rng.randint(-JITTER, JITTER)],
+        }
+        for cell in cells
+    ]
+    return {"shapes": shapes, "background": rng.choice(list(BACKGROUNDS)), "count": count}
+
+
+def render(attributes: dict, image_size: int = 64) -> Image.Image:
+    image = Image.new("RGB", (image_size, image_size), BACKGROUNDS[attributes["background"]])
+    draw = ImageDraw.Draw(image)
+    cell = image_size / 3
+    for shape in attributes["shapes"]:
+        row, col = divmod(POSITIONS.index(shape["position"]), 3)
+        cx = (col + 0.5 + shape["jitter"][0] / 20) * cell
+        cy = (row + 0.5 + shape["jitter"][1] / 20) * cell
+        _draw_shape(draw, shape["shape"], cx, cy, SIZES[shape["size"]] * cell, shape["colour"])
+    return image
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, colour):
+    fill = COLOURS[colour]
+    if kind == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif kind == "square":
+        side = 0.85 * r
+        draw.rectangle((cx - side, cy - side, cx + side, cy + side), fill=fill)
+    elif kind == "triangle":
+        draw.polygon(((cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)), fill=fill)
+    else:  # cross
+        arm = 0.32 * r
+        draw.rectangle((cx - r, cy - arm, cx + r, cy + arm), fill=fill)
+        draw.rectangle((cx - arm, cy - r, cx + arm, cy + r), fill=fill)
+
+
+def describe(shape: dict) -> str:
+    return f"{shape['size']} {shape['colour']} {shape['shape']}"
+
+
+def caption(attributes: dict) -> str:
+    """E.g. "a large red circle at the top left and a small blue square at the bottom right
+    on a gray background"."""
+    parts = [f"a {describe(s)} at the {s['position']}" for s in attributes["shapes"]]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{listed} on a {attributes['background']} background"
+
+
+def questions(attributes: dict) -> list[dict]:
+    """Question-answer pairs that the attributes answer unambiguously."""
+    shapes = attributes["shapes"]
+    qa = [
+        {"question": "How many shapes are there?", "answer": NUMBERS[len(shapes)]},
+        {"question": "What colour is the background?", "answer": attributes["background"]},
+    ]
+    descriptions = [describe(s) for s in shapes]
+    for shape, description in zip(shapes, descriptions):
+        where = f"at the {shape['position']}"
+        qa += [
+            {"question": f"What colour is the shape {where}?", "answer": shape["colour"]},
+            {"question": f"What shape is {where}?", "answer": shape["shape"]},
+            {"question": f"How big is the shape {where}?", "answer": shape["size"]},
+        ]
+        if descriptions.count(description) == 1:
+            qa.append({"question": f"Where is the {description}?", "answer": shape["position"]})
+    empty = [p for p in POSITIONS if p not in {s["position"] for s in shapes}]
+    qa.append({"question": f"Is there a shape at the {empty[0]}?", "answer": "no"})
+    qa.append({"question": f"Is there a shape at the {shapes[0]['position']}?", "answer": "yes"})
+    return qa
+
+
+def chain_of_thought(attributes: dict) -> dict:
+    """Count the shapes of the first shape's colour, reasoning over every shape first."""
+    shapes = attributes["shapes"]
+    colour = shapes[0]["colour"]
+    seen = "; ".join(f"a {describe(s)} at the {s['position']}" for s in shapes)
+    matching = [s for s in shapes if s["colour"] == colour]
+    reasoning = (
+        f"I see {NUMBERS[len(shapes)]} shape{'s' if len(shapes) > 1 else ''}: {seen}. "
+        f"The {colour} one{'s are' if len(matching) > 1 else ' is'} "
+        + " and ".join(f"the {describe(s)}" for s in matching)
+        + f", so there {'are' if len(matching) > 1 else 'is'} {NUMBERS[len(matching)]}."
+    )
+    return {
+        "question": f"How many {colour} shapes are there?",
+        "reasoning": reasoning,
+        "answer": NUMBERS[len(matching)],
+    }
+
+
+def preference_pair(attributes: dict) -> dict:
+    """Chosen: the true caption; rejected: the same with the first shape's colour changed."""
+    wrong = json.loads(json.dumps(attributes))
+    names = list(COLOURS)
+    first = wrong["shapes"][0]
+    first["colour"] = names[(names.index(first["colour"]) + 1) % len(names)]
+    return {
+        "prompt": "Describe the image.",
+        "chosen": caption(attributes),
+        "rejected": caption(wrong),
+    }
+
+
+def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> tuple[bytes, dict]:
+    """(JPEG bytes, record) of sample `index` of `split`; independent of every other sample."""
+    attributes = sample_attributes(random.Random(f"shapes/{seed}/{split}/{index}"))
+    buffer = io.BytesIO()
+    render(attributes, image_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    record = {
+        **attributes,
+        "caption": caption(attributes),
+        "qa": questions(attributes),
+        "cot": chain_of_thought(attributes),
+        "preference": preference_pair(attributes),
+    }
+    return buffer.getvalue(), record
+
+
+def record_texts(record: dict) -> list[str]:
+    """Every text of a record, for tokenizer training."""
+    texts = [record["caption"], record["cot"]["question"], record["cot"]["reasoning"]]
+    texts += [record["preference"]["prompt"], record["preference"]["rejected"]]
+    for pair in record["qa"]:
+        texts += [pair["question"], pair["answer"]]
+    return texts
+
+
+def write_synthetic_shards(
+    out_dir: str | Path,
+    n_train: int,
+    n_val: int,
+    seed: int,
+    shard_size: int = 1000,
+    image_size: int = 64,
+    vocab_size: int = 1024,
+) -> dict[str, int]:
+    """Write `train-%06d.tar` / `val-%06d.tar` shards, sizes.json and a BPE tokenizer trained
+    on the train texts into `out_dir/tokenizer`. Returns {shard name: sample count}."""
+    if n_train < 1:
+        raise ValueError("n_train must be at least 1: the tokenizer is trained on train texts")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, int] = {}
+    train_texts: list[str] = []
+    for split, total in (("train", n_train), ("val", n_val)):
+        for shard, start in enumerate(range(0, total, shard_size)):
+            indices = range(start, min(start + shard_size, total))
+            texts = train_texts if split == "train" else None
+            samples = _shard_samples(seed, split, indices, image_size, texts)
+            name = f"{split}-{shard:06d}.tar"
+            sizes[name] = write_tar(out_dir / name, samples)
+            log.info("wrote %s (%d samples)", out_dir / name, sizes[name])
+    write_sizes(out_dir, sizes, merge=False)
+    train_bpe_tokenizer(train_texts, out_dir / "tokenizer", vocab_size=vocab_size)
+    return sizes
+
+
+def _shard_samples(seed: int, split: str, indices: range, image_size: int, texts: list | None):
+    for index in indices:
+        jpeg, record = make_sample(seed, split, index, image_size)
+        if texts is not None:
+            texts.extend(record_texts(record))
+        fields = {
+            "jpg": jpeg,
+            "txt": record["caption"].encode(),
+            "json": json.dumps(record, separators=(",", ":")).encode(),
+        }
+        yield f"{index:09d}", fields
