@@ -7,6 +7,8 @@ TORCH_VERSION ?= 2.13.0
 
 .PHONY: install lint format test test-fast demo clean
 
+SHAPES := data/shapes
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -29,6 +31,13 @@ test: lint
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
+
+# The embedded default: synthetic shapes shards (made once), the tiny SigLIP recipe, its results.
+demo: install
+	test -f $(SHAPES)/sizes.json || \
+		$(BIN)/vlscale shards synthetic --out $(SHAPES) --train 20000 --val 512 --seed 0
+	$(BIN)/vlscale train tiny_siglip
+	$(BIN)/vlscale report runs/tiny_siglip
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -11,7 +11,9 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
+    "train": ("launch.train", "train (or resume) a recipe"),
     "shards": ("launch.shards", "write training shards (synthetic shapes, CC3M)"),
+    "report": ("launch.report", "print a run's results and draw its curves"),
 }
 
 
@@ -29,8 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args._module.main(args) or 0)
+    try:
+        return int(args._module.main(args) or 0)
+    except ConfigError as err:  # bad recipe or override: one clear line, no traceback
+        print(f"vlscale {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

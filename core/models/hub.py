@@ -77,3 +77,17 @@ def write_config(config: dict, path: str | Path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def resolve(path_or_id: str, allow_patterns: list[str] | None = None) -> Path:
+    """A local checkpoint directory as is, or a hub id (e.g. `Qwen/Qwen3-0.6B`) downloaded once
+    into the Hugging Face cache (safetensors, configs and tokenizer files only)."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
+        raise FileNotFoundError(f"{path_or_id}: no such directory, and not a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    return Path(snapshot_download(path_or_id, allow_patterns=patterns))

@@ -1,0 +1,134 @@
+"""Atomic step checkpoints: `checkpoints/step_<N>/` is complete or absent.
+
+Every rank writes into `checkpoints/.tmp-step_<N>/`; after a barrier rank 0 writes `meta.json`
+last and renames the directory. A crash at any point leaves at most a `.tmp-` directory, which
+`latest()` never returns and the next save removes. The engine writes model and optimizer in its
+own format; this module adds what every run needs: step, RNG of every rank, data position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .distributed import DistInfo, barrier, broadcast_object
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = STEP_DIR.match(path.name)
+        if match and (path / "meta.json").is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, dist: DistInfo, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.dist = dist
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        found = list_checkpoints(self.root)
+        return found[-1][1] if found else None
+
+    def save(self, step: int, engine, extra: dict) -> Path:
+        """Collective. `extra` is this rank's own state (e.g. its data position)."""
+        final = self.root / f"step_{step}"
+        tmp = self.root / f".tmp-step_{step}"
+        start = time.perf_counter()
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        engine.save(tmp)
+        torch.save(
+            {"rng": rng_state(), **extra}, tmp / f"rank_{self.dist.rank:05d}.pt"
+        )  # fmt: skip
+        barrier()
+        if self.dist.is_main:
+            meta = {"step": step, "world_size": self.dist.world_size, "time": time.time()}
+            _write_json(tmp / "meta.json", meta)
+            if final.exists():  # a re-run reaching the same step: replace atomically enough
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+            log.info("checkpoint step %d written in %.1fs", step, time.perf_counter() - start)
+        barrier()
+        return final
+
+    def load(self, path: Path, engine) -> tuple[int, dict]:
+        """Restore engine state and this rank's RNG; returns (step, this rank's extra state)."""
+        meta = json.loads((path / "meta.json").read_text())
+        if meta["world_size"] != self.dist.world_size:
+            raise RuntimeError(
+                f"{path} was written by {meta['world_size']} ranks, this run has "
+                f"{self.dist.world_size}; the {type(engine).__name__} cannot reshard it"
+            )
+        engine.load(path)
+        state = torch.load(path / f"rank_{self.dist.rank:05d}.pt", weights_only=True)
+        set_rng_state(state.pop("rng"))
+        return meta["step"], state
+
+    def resolve_resume(self, resume: str) -> Path | None:
+        """`auto`: newest complete checkpoint of the run (rank 0 decides, all agree)."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            path = self.latest() if self.dist.is_main else None
+            path = broadcast_object(str(path) if path else None)
+            return Path(path) if path else None
+        path = Path(resume)
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no meta.json)")
+        return path
+
+    def _prune(self) -> None:
+        for _, path in list_checkpoints(self.root)[: -self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        for stale in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)

@@ -1,0 +1,92 @@
+"""Data-parallel engine: full replicas, gradients all-reduced by torch DDP.
+
+An engine owns everything that differs between parallelism strategies: how the task is wrapped,
+backward (with or without gradient sync), the optimizer step, and the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import Config
+from ..distributed import DistInfo
+from ..optim import build_optimizer, build_scheduler
+
+
+class DDPEngine:
+    def __init__(self, task: torch.nn.Module, cfg: Config, dist: DistInfo, lr: float, total: int):
+        self.task = task.to(dist.device)
+        self.dist = dist
+        self.cfg = cfg
+        self.model = task
+        if dist.world_size > 1:
+            self.model = DistributedDataParallel(
+                task, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+            )
+        self.params = [p for p in task.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(task, cfg.optim, lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total)
+        self.autocast_dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, batch: dict, loss_scale: float, sync: bool) -> dict:
+        """One micro-step. `sync=False` skips the gradient all-reduce (inner accumulation steps)."""
+        no_sync = isinstance(self.model, DistributedDataParallel) and not sync
+        with self.model.no_sync() if no_sync else contextlib.nullcontext():
+            with self.autocast():
+                out = self.model(batch)
+            (out["loss"] * loss_scale).backward()
+        return out
+
+    def step(self, loss_is_finite: bool) -> tuple[float, bool]:
+        """Clip; step unless the loss or gradient norm is non-finite. Returns (norm, stepped)."""
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True).item()
+        stepped = loss_is_finite and math.isfinite(grad_norm)
+        if stepped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # the schedule follows the step count, skipped or not
+        return grad_norm, stepped
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    # ---------------------------------------------------------------- checkpoints
+    # DDP replicas are identical: rank 0 writes the model and optimizer once.
+
+    def save(self, directory: Path) -> None:
+        if not self.dist.is_main:
+            return
+        save_file({k: v.detach().contiguous() for k, v in self.task.state_dict().items()},
+                  directory / "model.safetensors")  # fmt: skip
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            directory / "optimizer.pt",
+        )
+
+    def load(self, directory: Path) -> None:
+        state = load_file(directory / "model.safetensors", device=str(self.dist.device))
+        self.task.load_state_dict(state)
+        opt = torch.load(
+            directory / "optimizer.pt", map_location=self.dist.device, weights_only=True
+        )
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.task.state_dict()
+
+    def parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.task.parameters())

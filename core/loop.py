@@ -1,0 +1,253 @@
+"""The training loop every recipe shares: step -> log -> evaluate -> checkpoint.
+
+It knows nothing about contrastive vs VLM training: the task turns a batch into a loss, the engine
+owns backward/step/state, the stream owns the data position. Restarting the same command resumes
+from the newest complete checkpoint (`resume=auto`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed
+from .checkpoint import Checkpointer
+from .config import Config
+from .engines import build_engine
+from .metrics import MetricsLogger
+from .tasks import build_task
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def total_steps(cfg: Config, global_batch: int, train_samples: int | None) -> int:
+    if cfg.optim.epochs > 0:
+        if not train_samples:
+            raise ValueError("optim.epochs needs the train split size (a sizes.json beside shards)")
+        return max(1, int(cfg.optim.epochs * train_samples / global_batch))
+    return cfg.optim.max_steps
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training to the end; returns the last evaluation's metrics (rank 0)."""
+    dist = distributed.init_distributed(cfg.launch.backend, cfg.launch.timeout_minutes)
+    logging.basicConfig(
+        level=logging.INFO if dist.is_main else logging.WARNING,
+        format=f"[%(asctime)s rank{dist.rank}] %(message)s",
+    )
+    run_dir = Path(cfg.run_dir)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    distributed.barrier()
+    seed_everything(cfg.seed)  # same init on every rank
+
+    task = build_task(cfg)
+    seed_everything(cfg.seed + 1000 * dist.rank)  # per-rank randomness from here on
+    train_stream = task.train_stream(cfg, dist)
+    global_batch = cfg.data.batch_size * cfg.optim.accum_steps * dist.world_size
+    steps = total_steps(cfg, global_batch, train_stream.num_samples())
+    engine = build_engine(task, cfg, dist, task_lr(cfg, global_batch), steps)
+
+    ckpt = Checkpointer(run_dir, dist, cfg.checkpoint.keep)
+    start_step = 0
+    resume_from = ckpt.resolve_resume(cfg.resume)
+    if resume_from is not None:
+        start_step, extra = ckpt.load(resume_from, engine)
+        train_stream.load_state_dict(extra["data"])
+    logger = MetricsLogger(cfg, dist.is_main, start_step, steps)
+    if resume_from is not None:
+        logger.event(start_step, "resume", checkpoint=str(resume_from))
+
+    nonfinite_in_a_row = skipped_total = 0
+    batches = iter(train_stream)
+    window = _Window()
+    eval_metrics: dict = {}
+    step = start_step
+    try:
+        while step < steps:
+            t0 = time.perf_counter()
+            result = train_step(engine, batches, cfg.optim.accum_steps, dist)
+            step += 1
+            if not result.stepped:
+                nonfinite_in_a_row += 1
+                skipped_total += 1
+                logger.event(step, "skipped_step", loss=result.loss, grad_norm=result.grad_norm)
+                if nonfinite_in_a_row >= cfg.optim.max_nonfinite_in_a_row:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or "
+                        f"gradient norm (last: loss={result.loss}, grad_norm={result.grad_norm}) "
+                        f"at step {step}; stopping. The last checkpoint predates them."
+                    )
+            else:
+                nonfinite_in_a_row = 0
+            window.add(time.perf_counter() - t0, result)
+
+            if step % cfg.logging.every == 0 or step == steps:
+                metrics = {
+                    "loss": result.loss,
+                    "lr": engine.lr,
+                    "grad_norm": result.grad_norm,
+                    "skipped_steps": skipped_total,
+                    **window.flush(),
+                    **result.task_metrics,
+                    **{f"data/{k}": v for k, v in train_stream.stats().items()},
+                    **memory_metrics(dist.device),
+                }
+                logger.log(step, metrics)
+            logger.advance(step)
+
+            if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
+                eval_metrics = run_eval(task, cfg, dist, engine, logger, step)
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != steps:
+                save_checkpoint(ckpt, step, engine, train_stream)
+        if start_step < steps or not (run_dir / "eval.json").exists():
+            eval_metrics = run_eval(task, cfg, dist, engine, logger, step)
+        if resume_from is None or start_step < steps:
+            save_checkpoint(ckpt, step, engine, train_stream)
+    finally:
+        logger.close()
+    if dist.is_main:
+        from .report import write_report
+
+        write_report(run_dir)
+    distributed.barrier()
+    return eval_metrics
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over ranks and micro-steps (nan if any rank's loss was not finite)
+    grad_norm: float
+    stepped: bool
+    samples: int  # global
+    tokens: int  # global
+    data_wait: float  # seconds this rank waited for batches
+    task_metrics: dict
+
+
+def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
+    """One optimizer step: `accum_steps` micro-batches, gradients synced on the last one only."""
+    loss_sum = torch.zeros((), device=dist.device)
+    samples = tokens = 0
+    data_wait = 0.0
+    task_metrics: dict = {}
+    for micro in range(accum_steps):
+        t_data = time.perf_counter()
+        batch = to_device(next(batches), dist.device)
+        data_wait += time.perf_counter() - t_data
+        last = micro == accum_steps - 1
+        out = engine.forward_backward(batch, 1.0 / accum_steps, sync=last)
+        loss_sum += out["loss"].detach().float()
+        samples += int(out.get("num_samples", 0))
+        tokens += int(out.get("num_tokens", 0))
+        task_metrics.update(out.get("metrics", {}))
+    loss = loss_sum.item() / accum_steps
+    finite = math.isfinite(loss)
+    # One collective for everything the ranks must agree on or report globally.
+    n_bad, loss_total, samples, tokens = distributed.all_reduce_sum(
+        [0.0 if finite else 1.0, loss if finite else 0.0, samples, tokens], dist.device
+    )
+    grad_norm, stepped = engine.step(loss_is_finite=n_bad == 0)
+    return StepResult(
+        loss=loss_total / dist.world_size if n_bad == 0 else math.nan,
+        grad_norm=grad_norm,
+        stepped=stepped,
+        samples=int(samples),
+        tokens=int(tokens),
+        data_wait=data_wait,
+        task_metrics={k: float(v) for k, v in task_metrics.items()},
+    )
+
+
+def task_lr(cfg: Config, global_batch: int) -> float:
+    from .optim import scaled_lr
+
+    return scaled_lr(cfg.optim, global_batch)
+
+
+def save_checkpoint(ckpt: Checkpointer, step: int, engine, stream) -> None:
+    # A poisoned model is never written: every skipped step left the parameters untouched, and
+    # this check catches anything else (e.g. a NaN that came in through a finite gradient).
+    if not engine.parameters_finite():
+        raise NonFiniteLossError(f"parameters are not finite at step {step}; no checkpoint written")
+    ckpt.save(step, engine, {"data": stream.state_dict()})
+
+
+def run_eval(task, cfg: Config, dist, engine, logger: MetricsLogger, step: int) -> dict:
+    task.eval()
+    with torch.no_grad(), engine.autocast():
+        metrics = task.evaluate(cfg, dist)
+    task.train()
+    if dist.is_main and metrics:
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        tmp = Path(cfg.run_dir) / "eval.json.tmp"
+        tmp.write_text(json.dumps({"step": step, **metrics}, indent=2))
+        os.replace(tmp, Path(cfg.run_dir) / "eval.json")
+    return metrics
+
+
+def memory_metrics(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {
+            "mem/allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+            "mem/peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        }
+    try:  # CPU: resident set size of this process
+        with open("/proc/self/statm") as f:
+            rss_pages = int(f.read().split()[1])
+        return {"mem/rss_gib": rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**30}
+    except OSError:
+        return {}
+
+
+class _Window:
+    """Throughput over the steps since the last log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.time = self.wait = 0.0
+        self.samples = self.tokens = 0.0
+
+    def add(self, dt: float, result: StepResult):
+        self.time += dt
+        self.wait += result.data_wait
+        self.samples += result.samples
+        self.tokens += result.tokens
+
+    def flush(self) -> dict:
+        out = {
+            "samples_per_s": self.samples / max(self.time, 1e-9),
+            "tokens_per_s": self.tokens / max(self.time, 1e-9),
+            "data_wait_frac": self.wait / max(self.time, 1e-9),
+        }
+        self.reset()
+        return out

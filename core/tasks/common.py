@@ -1,0 +1,71 @@
+"""Pieces every task uses: towers from checkpoints or configs, the tokenizer, pooling, streams."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import models
+from ..config import Config
+from ..models import hub
+
+
+def load_tower(path: str, config: dict, image_size: int = 0) -> torch.nn.Module:
+    """A pretrained tower (hub id or local dir), or a random one from an HF-style config dict.
+    For vision towers `image_size` (when set) overrides the checkpoint's size; positions are
+    interpolated."""
+    if path:
+        model = models.from_pretrained(hub.resolve(path))
+        if image_size and hasattr(model, "set_image_size"):
+            model.set_image_size(image_size)
+        return model.train()
+    if image_size and "image_size" not in config:
+        config = {**config, "image_size": image_size}
+    return models.from_config(config).train()
+
+
+def build_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    source = cfg.model.tokenizer or cfg.model.text
+    tok = AutoTokenizer.from_pretrained(str(hub.resolve(source)))
+    if tok.pad_token is None:  # Qwen-style tokenizers have no pad token: pad with EOS
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> torch.Tensor:
+    """[B, T, D] -> [B, D]. `mask` [B, T] marks real tokens (right padding)."""
+    if how == "mean":
+        if mask is None:
+            return hidden.mean(dim=1)
+        m = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+    if how == "last":
+        if mask is None:
+            return hidden[:, -1]
+        last = mask.long().sum(dim=1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise ValueError(f"unknown pooling {how!r}")
+
+
+def make_stream(cfg: Config, dist, urls: str, decode, *, train: bool):
+    from ..data.preprocess import collate
+    from ..data.stream import ShardStream
+
+    if not urls:
+        raise ValueError(f"data.{'train' if train else 'val'} is empty: point it at shards")
+    return ShardStream(
+        urls,
+        decode=decode,
+        collate=collate,
+        batch_size=cfg.data.batch_size if train else cfg.eval.batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle and train,
+        epochs=None if train else 1,
+        drop_last=train,
+        max_bad_fraction=cfg.data.max_bad_fraction,
+        pin_memory=dist.device.type == "cuda",
+    )

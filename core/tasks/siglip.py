@@ -1,0 +1,108 @@
+"""SigLIP-style contrastive training: image tower + text tower, pooled, projected, L2-normalised,
+sigmoid loss with learnable temperature and bias (Zhai et al., 2023)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from ..losses import sigmoid_loss
+from .common import build_tokenizer, load_tower, pool_tokens
+
+
+class SigLIPTask(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        t = cfg.task
+        self.tokenizer = build_tokenizer(cfg)
+        self.vision = load_tower(cfg.model.vision, cfg.model.vision_config, cfg.model.image_size)
+        # A text tower built from a config gets the tokenizer's vocabulary unless it names one.
+        text_config = {"vocab_size": len(self.tokenizer), **cfg.model.text_config}
+        self.text = load_tower(cfg.model.text, text_config if not cfg.model.text else {})
+        if getattr(self.text, "lm_head", None) is not None:
+            self.text.lm_head = None  # a text tower pools hidden states; no vocabulary head
+        self.image_pooling = t.pooling
+        self.text_pooling = t.text_pooling
+        self.text_mask_kind = t.text_attention
+        self.loss_chunk_size = t.loss_chunk_size or None
+        if t.pooling == "map" and not getattr(self.vision, "has_head", False):
+            raise ValueError("task.pooling=map needs a SigLIP vision tower with its attention head")
+        if t.pooling == "cls" and not getattr(self.vision, "has_cls_token", False):
+            raise ValueError("task.pooling=cls needs a vision tower with a CLS token (ViT)")
+        self.image_proj = nn.Linear(self.vision.hidden_size, t.embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text.config.hidden_size, t.embed_dim, bias=False)
+        for proj in (self.image_proj, self.text_proj):
+            nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(float(t.init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(t.init_logit_bias)))
+        self.decoder = self.sample_decoder(cfg)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision(pixel_values)
+        if self.image_pooling == "map":
+            pooled = self.vision.pool(hidden)
+        elif self.image_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            tokens = hidden[:, 1:] if getattr(self.vision, "has_cls_token", False) else hidden
+            pooled = pool_tokens(tokens, None, self.image_pooling)
+        return F.normalize(self.image_proj(pooled).float(), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            mask_kind=self.text_mask_kind,
+            return_hidden=True,
+        )
+        pooled = pool_tokens(hidden, attention_mask, self.text_pooling)
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
+
+    def forward(self, batch: dict) -> dict:
+        image = self.encode_image(batch["pixel_values"])
+        text = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        loss = sigmoid_loss(
+            image, text, self.logit_scale, self.logit_bias, chunk_size=self.loss_chunk_size
+        )
+        return {
+            "loss": loss,
+            "num_samples": image.shape[0],
+            "num_tokens": int(batch["attention_mask"].sum()),
+            "metrics": {
+                "temperature": math.exp(self.logit_scale.item()),
+                "logit_bias": self.logit_bias.item(),
+            },
+        }
+
+    # ------------------------------------------------------------------ data and evaluation
+    def sample_decoder(self, cfg: Config):
+        from ..data.preprocess import ImageTextDecoder
+
+        return ImageTextDecoder(
+            image_size=self.vision.image_size,
+            mean=self.vision.image_mean,
+            std=self.vision.image_std,
+            tokenizer=self.tokenizer,
+            max_text_len=cfg.data.max_text_len,
+            max_pixels=cfg.data.max_pixels,
+            max_caption_bytes=cfg.data.max_caption_bytes,
+        )
+
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask of free texts (e.g. zero-shot prompts), exactly as captions are."""
+        pairs = [self.decoder.tokenize(text) for text in texts]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def train_stream(self, cfg: Config, dist):
+        from .common import make_stream
+
+        return make_stream(cfg, dist, cfg.data.train, self.decoder, train=True)
+
+    def evaluate(self, cfg: Config, dist) -> dict:
+        from ..evaluate import evaluate_contrastive
+
+        return evaluate_contrastive(self, cfg, dist)

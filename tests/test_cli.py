@@ -1,0 +1,30 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from launch.cli import SUBCOMMANDS, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_console_script_help_lists_working_subcommands():
+    vlscale = Path(sys.executable).parent / "vlscale"
+    out = subprocess.run([vlscale, "--help"], capture_output=True, text=True, check=True).stdout
+    for name in SUBCOMMANDS:
+        assert name in out
+    assert set(SUBCOMMANDS) == {"train", "shards", "report"}
+
+
+def test_module_entry_point_matches_console_script():
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "train", "--help"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout  # fmt: skip
+    assert "key.sub=value" in out
+
+
+def test_bad_override_is_a_clear_error_before_anything_starts(capsys, tmp_path):
+    assert main(["train", "tiny_siglip", "optim.lrr=1", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'optim.lrr'" in err and "did you mean 'optim.lr'" in err
+    assert not (tmp_path / "run").exists()  # nothing started
