@@ -47,6 +47,10 @@ def save_state_dict(
     """Write `state` as one safetensors file, or shards + index when larger than max_shard_bytes."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    # A previous export in the same place must not shadow this one (a stale single file would be
+    # read before a new index).
+    for old in [*path.glob("model*.safetensors"), path / INDEX]:
+        old.unlink(missing_ok=True)
     # safetensors refuses shared storage (tied weights) and non-contiguous views: copy out.
     state = {k: v.detach().contiguous().clone() for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]

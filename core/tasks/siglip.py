@@ -34,7 +34,7 @@ class SigLIPTask(nn.Module):
         if t.pooling == "cls" and not getattr(self.vision, "has_cls_token", False):
             raise ValueError("task.pooling=cls needs a vision tower with a CLS token (ViT)")
         self.image_proj = nn.Linear(self.vision.hidden_size, t.embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text.config.hidden_size, t.embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text.hidden_size, t.embed_dim, bias=False)
         for proj in (self.image_proj, self.text_proj):
             nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(float(t.init_logit_scale)))
