@@ -99,14 +99,33 @@ class Checkpointer:
         """Restore engine state and this rank's RNG; returns (step, this rank's extra state)."""
         meta = json.loads((path / "meta.json").read_text())
         if meta["world_size"] != self.dist.world_size:
-            raise RuntimeError(
-                f"{path} was written by {meta['world_size']} ranks, this run has "
-                f"{self.dist.world_size}; the {type(engine).__name__} cannot reshard it"
-            )
+            return meta["step"], self._load_resharded(path, meta["world_size"], engine)
         engine.load(path)
         state = torch.load(path / f"rank_{self.dist.rank:05d}.pt", weights_only=True)
         set_rng_state(state.pop("rng"))
         return meta["step"], state
+
+    def _load_resharded(self, path: Path, saved_world: int, engine) -> dict:
+        """Another world size: the engine reshards model and optimizer (DCP, DeepSpeed universal
+        checkpoints). Per-rank data positions belong to the old layout; the data continues at
+        the next epoch boundary of the furthest saved slot (no sample of an epoch twice)."""
+        if not getattr(engine, "can_reshard", False):
+            raise RuntimeError(
+                f"{path} was written by {saved_world} ranks, this run has "
+                f"{self.dist.world_size}; the {type(engine).__name__} cannot reshard it "
+                "(engine.kind fsdp, zero2 and zero3 can)"
+            )
+        getattr(engine, "load_resharded", engine.load)(path)
+        epochs = [
+            slot["epoch"]
+            for rank in range(saved_world)
+            for slot in torch.load(path / f"rank_{rank:05d}.pt", weights_only=True)["data"]["slots"]
+        ]
+        log.warning(
+            "%s: written by %d ranks, resumed on %d; data continues at epoch %d",
+            path, saved_world, self.dist.world_size, max(epochs) + 1,
+        )  # fmt: skip
+        return {"data": {"version": 1, "next_epoch": max(epochs) + 1}}
 
     def resolve_resume(self, resume: str) -> Path | None:
         """`auto`: newest complete checkpoint of the run (rank 0 decides, all agree)."""

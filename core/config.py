@@ -82,8 +82,19 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    kind: Literal["ddp"] = "ddp"
+    """Parallelism and memory strategy; see core/engines/ and `vlscale plan`."""
+
+    kind: Literal["ddp", "zero2", "zero3", "fsdp"] = "ddp"
     precision: Literal["fp32", "bf16"] = "bf16"
+    # DeepSpeed: optimizer (zero2/zero3) or optimizer+params (zero3) on CPU. FSDP2: only
+    # optimizer+params (CPUOffloadPolicy moves parameters, gradients and optimizer state).
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"
+    reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward
+    activation_checkpointing: Literal["none", "full", "every_k"] = "none"
+    ac_every_k: int = 2  # every_k: checkpoint blocks 0, k, 2k, ... of each tower
+    compile: bool = False  # torch.compile each transformer block
+    freeze: list[str] = field(default_factory=list)  # submodules to freeze, e.g. [vision]
+    ds_config: str = ""  # a DeepSpeed JSON of your own, checked against this config
 
 
 @dataclass

@@ -382,6 +382,11 @@ class ShardStream:
         """The next iteration continues exactly after the last batch delivered before `state`."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unknown data state version {state.get('version')}")
+        if "next_epoch" in state:  # positions of another rank layout: start at an epoch boundary
+            self._restart()
+            for slot in self._slots:
+                slot["epoch"] = state["next_epoch"]
+            return
         mismatched = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
         if mismatched:
             raise ValueError(f"data state does not fit this stream (saved, now): {mismatched}")

@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..distributed import DistInfo
 from ..optim import build_optimizer, build_scheduler
+from .wrap import prepare
 
 
 class DDPEngine:
@@ -25,6 +26,11 @@ class DDPEngine:
         self.dist = dist
         self.cfg = cfg
         self.model = task
+        prepare(task, cfg.engine)
+        if cfg.engine.offload != "none":
+            raise ConfigError(
+                f"engine.offload={cfg.engine.offload} needs kind zero2, zero3 or fsdp"
+            )
         if dist.world_size > 1:
             self.model = DistributedDataParallel(
                 task, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
@@ -62,6 +68,10 @@ class DDPEngine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def full_model(self):
+        """The task with full weights, for evaluation: a replica already is."""
+        return contextlib.nullcontext(self.task)
 
     # ---------------------------------------------------------------- checkpoints
     # DDP replicas are identical: rank 0 writes the model and optimizer once.

@@ -1,0 +1,150 @@
+"""FSDP2 engine: `fully_shard` per transformer block of each tower, then the root.
+
+Parameters, gradients and optimizer state are sharded over a 1-D mesh of all ranks. A frozen
+tower is one unit (one all-gather, no reduce-scatter). Checkpoints are DCP directories, which
+load into any world size. Evaluation runs in an unsharded copy loaded with the full weights,
+so rank-0-only evaluation code cannot hang on a collective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from ..config import Config, ConfigError
+from ..distributed import DistInfo
+from ..optim import build_optimizer, build_scheduler
+from .wrap import (
+    EvalCopy,
+    all_true,
+    ensure_process_group,
+    lift_scalars,
+    meta_copy,
+    own_metrics,
+    prepare,
+    tower_blocks,
+    unlift_scalars,
+)
+
+
+class FSDPEngine:
+    def __init__(self, task: torch.nn.Module, cfg: Config, dist: DistInfo, lr: float, total: int):
+        e = cfg.engine
+        if e.offload == "optimizer":
+            raise ConfigError(
+                "engine.offload=optimizer: FSDP2 offloads parameters, gradients and optimizer "
+                "state together; use engine.offload=optimizer+params (or kind=zero2/zero3)"
+            )
+        self.dist, self.cfg = dist, cfg
+        ensure_process_group(dist.device)
+        self.eval_copy = EvalCopy(meta_copy(task), dist.device)
+        self.task = task.to(dist.device)
+        self.scalar_names = lift_scalars(task)
+        prepare(task, e)
+        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        bf16 = e.precision == "bf16"
+        kwargs = dict(
+            mesh=mesh,
+            reshard_after_forward=e.reshard_after_forward,
+            # bf16 compute, fp32 gradient reduction and fp32 master weights
+            mp_policy=MixedPrecisionPolicy(
+                param_dtype=torch.bfloat16 if bf16 else None,
+                reduce_dtype=torch.float32 if bf16 else None,
+            ),
+        )
+        if e.offload == "optimizer+params":
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda")
+        for name, blocks in tower_blocks(task).items():
+            tower = task.get_submodule(name)
+            if not any(p.requires_grad for p in tower.parameters()):
+                fully_shard(tower, **kwargs)  # frozen: one unit
+                continue
+            for block in blocks:
+                fully_shard(block, **kwargs)
+        fully_shard(task, **kwargs)
+        own_metrics(task)
+        self.params = [p for p in task.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(task, cfg.optim, lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, total)
+        self.autocast_dtype = torch.bfloat16 if bf16 else None
+
+    def autocast(self):
+        # Training casts through the MixedPrecisionPolicy; this is for evaluation (the copy).
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, batch: dict, loss_scale: float, sync: bool) -> dict:
+        self.task.set_requires_gradient_sync(sync)
+        out = self.task(batch)
+        (out["loss"] * loss_scale).backward()
+        return out
+
+    def step(self, loss_is_finite: bool) -> tuple[float, bool]:
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+        stepped = loss_is_finite and math.isfinite(grad_norm)
+        if stepped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm, stepped
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def full_model(self):
+        """The task with full weights on every rank, for evaluation (collective)."""
+        return self.eval_copy(self.consolidated_state_dict())
+
+    # ---------------------------------------------------------------- checkpoints
+    # DCP: every rank writes its shards; loading reshards to the current world size.
+
+    def save(self, directory: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.task, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory / "dcp")
+        if self.dist.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict()}, directory / "scheduler.pt")
+
+    def load(self, directory: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.task, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=directory / "dcp")
+        set_state_dict(
+            self.task,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+        )
+        sched = torch.load(directory / "scheduler.pt", weights_only=True)["scheduler"]
+        self.scheduler.load_state_dict(sched)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+    can_reshard = True  # DCP loads into any world size
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full tensors on every rank (collective)."""
+        options = StateDictOptions(full_state_dict=True)
+        return unlift_scalars(get_model_state_dict(self.task, options=options), self.scalar_names)
+
+    def parameters_finite(self) -> bool:
+        local = all(
+            bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+            for p in self.task.parameters()
+        )
+        return all_true(local, self.dist.device)

@@ -1,0 +1,296 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 engine (kind zero2 | zero3, optional CPU offload).
+
+The DeepSpeed config is generated from the run config on top of ds_configs/*.json, or taken from
+the user's JSON (engine.ds_config) and checked: batch sizes, accumulation, clipping and precision
+always agree with the run config, and no "auto" is left. The optimizer and schedule are the same
+AdamW and warmup+cosine as every other engine (no DeepSpeed "optimizer"/"scheduler" sections).
+
+Step semantics: the loop already scales each micro-step's loss by 1/accum, so DeepSpeed's own
+scaling by gradient_accumulation_steps is turned off, and the accumulation boundary is set
+explicitly from `sync`. A step is skipped when the loss was not finite on any rank (the gate on
+the wrapped optimizer) or the global gradient norm is not (DeepSpeed's overflow check); the
+schedule advances either way, like the DDP engine's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+from ..distributed import DistInfo
+from ..optim import build_scheduler, param_groups
+from .wrap import (
+    EvalCopy,
+    all_true,
+    ensure_process_group,
+    lift_scalars,
+    meta_copy,
+    own_metrics,
+    prepare,
+    unlift_scalars,
+)
+
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
+TAG = "ds"  # the DeepSpeed checkpoint tag inside each step directory
+
+
+def base_config_name(kind: str, offload: str) -> str:
+    if kind == "zero2":
+        if offload == "optimizer+params":
+            raise ConfigError("engine.offload=optimizer+params needs kind=zero3 (ZeRO-2 keeps "
+                              "full parameters on every rank); use offload=optimizer")  # fmt: skip
+        return "zero2.json"
+    return "zero3_offload.json" if offload == "optimizer+params" else "zero3.json"
+
+
+def expected_values(cfg: Config, world_size: int) -> dict[str, object]:
+    """Dotted DeepSpeed keys whose values the run config decides."""
+    e, o = cfg.engine, cfg.optim
+    offload_opt = e.offload in ("optimizer", "optimizer+params")
+    return {
+        "train_batch_size": cfg.data.batch_size * o.accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": o.accum_steps,
+        "gradient_clipping": float(o.grad_clip),
+        "bf16.enabled": e.precision == "bf16",
+        "fp16.enabled": False,
+        "zero_optimization.stage": 2 if e.kind == "zero2" else 3,
+        "zero_optimization.offload_optimizer.device": "cpu" if offload_opt else "none",
+        "zero_optimization.offload_param.device": (
+            "cpu" if e.offload == "optimizer+params" else "none"
+        ),
+    }
+
+
+_ABSENT = object()
+
+
+def _get(tree: dict, dotted: str):
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def _same(a, b) -> bool:
+    if isinstance(b, float) and isinstance(a, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
+
+
+def _autos(tree, prefix="") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _autos(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if tree == "auto" else []
+
+
+def build_ds_config(cfg: Config, world_size: int, cuda: bool = False) -> dict:
+    """The DeepSpeed config of this run: a ds_configs/ base (or the user's JSON) with every value
+    the run config decides filled in; a user value that disagrees is a ConfigError."""
+    e = cfg.engine
+    base_name = base_config_name(e.kind, e.offload)
+    user = bool(e.ds_config)
+    source = Path(e.ds_config) if user else DS_CONFIGS / base_name
+    try:
+        ds = json.loads(source.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"engine.ds_config: cannot read {source}: {err}") from None
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(
+                f"{source}: remove the '{section}' section: the optimizer and schedule come from "
+                "the run config's optim section (the same AdamW and warmup+cosine as every engine)"
+            )
+    expected = expected_values(cfg, world_size)
+    mismatches = []
+    for key, want in expected.items():
+        have = _get(ds, key)
+        if key.endswith("offload_optimizer.device") or key.endswith("offload_param.device"):
+            if have in (_ABSENT, "auto") and want == "none":
+                continue  # no offload section: nothing to fill
+            if have in (_ABSENT, "auto"):
+                _set(ds, key, want)
+                _set(ds, key.rsplit(".", 1)[0] + ".pin_memory", cuda)
+                continue
+        if have is _ABSENT or have == "auto":
+            if key == "fp16.enabled":
+                continue
+            _set(ds, key, want)
+        elif not _same(have, want):
+            mismatches.append(f"{key}={have!r} but the run config implies {want!r}")
+    if mismatches:
+        raise ConfigError(
+            f"{source} disagrees with the run config (engine.kind={e.kind}, "
+            f"engine.offload={e.offload}, engine.precision={e.precision}, data.batch_size, "
+            f"optim.accum_steps, optim.grad_clip, {world_size} ranks): " + "; ".join(mismatches)
+        )
+    left = _autos(ds)
+    if left:
+        raise ConfigError(f"{source}: unresolved 'auto' for {', '.join(left)}")
+    if e.offload != "none":
+        ds["zero_force_ds_cpu_optimizer"] = False  # the shared torch AdamW, on CPU
+    ds["zero_allow_untested_optimizer"] = True  # _GatedAdamW is torch's AdamW
+    return ds
+
+
+class _GatedAdamW(torch.optim.AdamW):
+    """AdamW whose step can be vetoed: DeepSpeed calls it inside its own step, after the
+    overflow check, so a non-finite *loss* (with finite gradients) is skipped here."""
+
+    skip = False
+
+    def step(self, closure=None):
+        if self.skip:
+            return None
+        return super().step(closure)
+
+
+class DeepSpeedEngine:
+    def __init__(self, task: torch.nn.Module, cfg: Config, dist: DistInfo, lr: float, total: int):
+        cuda = dist.device.type == "cuda"
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        self.ds_config = build_ds_config(cfg, dist.world_size, cuda)
+        self.dist, self.cfg = dist, cfg
+        self.stage = self.ds_config["zero_optimization"]["stage"]
+        ensure_process_group(dist.device)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        self.eval_copy = EvalCopy(meta_copy(task), dist.device)
+        self.task = task.to(dist.device)
+        self.scalar_names = lift_scalars(task)
+        prepare(task, cfg.engine)
+        o = cfg.optim
+        groups = [g for g in param_groups(task, o.weight_decay) if g["params"]]
+        self.base_optimizer = _GatedAdamW(
+            groups, lr=lr, betas=tuple(o.betas), eps=o.eps, foreach=True
+        )
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=task, optimizer=self.base_optimizer, config=copy.deepcopy(self.ds_config)
+        )
+        own_metrics(task)
+        # The schedule drives the groups DeepSpeed steps (the same dicts, params swapped).
+        self.scheduler = build_scheduler(self.base_optimizer, cfg.optim, total)
+        self.bf16 = cfg.engine.precision == "bf16"
+
+    def autocast(self):
+        # Training runs DeepSpeed's bf16 weights; this is for evaluation (fp32 copy).
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+
+    def forward_backward(self, batch: dict, loss_scale: float, sync: bool) -> dict:
+        if self.bf16:  # the model's weights are bf16: so are its floating inputs
+            batch = {
+                k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in batch.items()
+            }
+        self.model.set_gradient_accumulation_boundary(sync)
+        out = self.model(batch)
+        self.model.backward(out["loss"] * loss_scale, scale_wrt_gas=False)
+        return out
+
+    def step(self, loss_is_finite: bool) -> tuple[float, bool]:
+        self.base_optimizer.skip = not loss_is_finite
+        self.model.step()
+        self.base_optimizer.skip = False
+        norm = self.model.get_global_grad_norm()
+        grad_norm = math.nan if norm is None else float(norm)
+        stepped = loss_is_finite and math.isfinite(grad_norm)
+        self.scheduler.step()
+        return grad_norm, stepped
+
+    @property
+    def lr(self) -> float:
+        return self.base_optimizer.param_groups[0]["lr"]
+
+    def full_model(self):
+        return self.eval_copy(self.consolidated_state_dict())
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def save(self, directory: Path) -> None:
+        self.model.save_checkpoint(
+            str(directory),
+            tag=TAG,
+            client_state={"scheduler": self.scheduler.state_dict()},
+            save_latest=False,
+        )
+
+    def load(self, directory: Path, universal: bool = False) -> None:
+        self.model._config.load_universal_checkpoint = universal
+        _, client = self.model.load_checkpoint(
+            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if client is None:
+            raise RuntimeError(f"{directory}: no DeepSpeed checkpoint under tag {TAG!r}")
+        self.scheduler.load_state_dict(client["scheduler"])
+        for group, lr in zip(self.base_optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+
+    can_reshard = True  # through a universal checkpoint, see `load_resharded`
+
+    def load_resharded(self, directory: Path) -> None:
+        """Load a checkpoint written by another number of ranks: convert it to DeepSpeed's
+        universal format once (rank 0, beside the original), then load that."""
+        from ..distributed import barrier
+
+        universal = directory / "universal"
+        if self.dist.is_main and not (universal / TAG / "zero").is_dir():
+            to_universal(directory, universal, self.stage)
+        barrier()
+        self.load(universal, universal=True)  # the schedule comes with the model states
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full tensors on every rank (collective under ZeRO-3)."""
+        if self.stage < 3:
+            state = {k: v.detach().clone() for k, v in self.task.state_dict().items()}
+        else:
+            import deepspeed
+
+            params = list(self.task.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                state = {k: v.detach().clone() for k, v in self.task.state_dict().items()}
+        return unlift_scalars(state, self.scalar_names)
+
+    def parameters_finite(self) -> bool:
+        local = True
+        for p in self.task.parameters():
+            t = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+            local = local and bool(torch.isfinite(t).all())
+        return all_true(local, self.dist.device)
+
+
+def to_universal(directory: Path, out: Path, stage: int) -> None:
+    """DeepSpeed's ds_to_universal, in a subprocess (it starts worker pools)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(directory / TAG), "--output_folder", str(tmp / TAG),
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    if stage < 3:  # ZeRO-2 checkpoints do not record universal_checkpoint_info
+        cmd.append("--inject_missing_state")
+    done = subprocess.run(cmd, capture_output=True, text=True)  # inherits DS_ACCELERATOR
+    if done.returncode != 0:
+        raise RuntimeError(f"universal checkpoint conversion failed:\n{done.stderr[-3000:]}")
+    os.replace(tmp, out)

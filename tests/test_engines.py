@@ -1,0 +1,402 @@
+"""Engines zero2, zero3 and fsdp against ddp: DeepSpeed config generation and checks, wrapping
+from outside the model (freeze, activation checkpointing, compile), loss parity on 2 gloo ranks,
+exact resume after SIGKILL, resume into another world size, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import (
+    ROOT,
+    assert_bitwise_equal,
+    kill_tree,
+    metrics,
+    run_cli,
+    tiny_overrides,
+)
+
+from core.checkpoint import list_checkpoints
+from core.config import ConfigError, load_config
+from core.engines.wrap import apply_activation_checkpointing, apply_compile, tower_blocks
+from core.engines.zero import build_ds_config
+
+ENGINES = ["ddp", "zero2", "zero3", "fsdp"]
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    from core.data.synthetic import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_synthetic_shards(out, n_train=1024, n_val=128, seed=0, shard_size=256, image_size=32)
+    return out
+
+
+def tiny_cfg(shapes: Path, tmp_path: Path, **extra):
+    return load_config("tiny_siglip", tiny_overrides(shapes, tmp_path / "run", STEPS, **extra))
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run_dir) if "loss" in r]
+
+
+def train_cli(shapes, run_dir: Path, nproc: int = 2, **extra) -> subprocess.Popen:
+    args = ["train", "tiny_siglip", *tiny_overrides(shapes, run_dir, STEPS, **extra)]
+    return run_cli(args, nproc=nproc)
+
+
+def kill_after(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    deadline = time.time() + 600
+    while not any(r.get("step", 0) >= step for r in metrics(run_dir)):
+        assert proc.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    kill_tree(proc.pid)
+    proc.wait()
+
+
+def exported_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    from launch.export import consolidated
+
+    return consolidated(run_dir)[2]
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+
+
+@pytest.mark.parametrize(
+    "kind, offload",
+    [
+        ("zero2", "none"),
+        ("zero2", "optimizer"),
+        ("zero3", "none"),
+        ("zero3", "optimizer+params"),
+    ],  # fmt: skip
+)
+def test_ds_config_is_generated_from_the_run_config(shapes, tmp_path, kind, offload):
+    extra = {"engine.kind": kind, "engine.offload": offload, "optim.accum_steps": 3}
+    cfg = tiny_cfg(shapes, tmp_path, **extra, **{"engine.precision": "bf16"})
+    ds = build_ds_config(cfg, world_size=4)
+    assert "auto" not in json.dumps(ds)
+    assert ds["train_batch_size"] == 16 * 3 * 4
+    assert ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["gradient_clipping"] == 1.0
+    assert ds["bf16"]["enabled"] is True
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == (2 if kind == "zero2" else 3)
+    assert ("offload_optimizer" in zero) == (offload != "none")
+    assert ("offload_param" in zero) == (offload == "optimizer+params")
+
+
+def test_user_ds_config_is_checked_against_the_run_config(shapes, tmp_path):
+    user = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    user.update(train_micro_batch_size_per_gpu=8, gradient_accumulation_steps="auto")
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(user))
+    cfg = tiny_cfg(shapes, tmp_path, **{"engine.kind": "zero2", "engine.ds_config": str(path)})
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=8 .* implies 16"):
+        build_ds_config(cfg, world_size=2)
+
+    user["train_micro_batch_size_per_gpu"] = 16  # agrees now; "auto"s are filled in
+    path.write_text(json.dumps(user))
+    assert build_ds_config(cfg, world_size=2)["gradient_accumulation_steps"] == 1
+
+    user["zero_optimization"]["stage"] = 3  # kind=zero2 but a ZeRO-3 JSON
+    path.write_text(json.dumps(user))
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage=3"):
+        build_ds_config(cfg, world_size=2)
+
+    path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="remove the 'optimizer' section"):
+        build_ds_config(cfg, world_size=2)
+
+
+def test_unsupported_offload_combinations_are_clear_errors(shapes, tmp_path):
+    cfg = tiny_cfg(
+        shapes, tmp_path, **{"engine.kind": "zero2", "engine.offload": "optimizer+params"}
+    )
+    with pytest.raises(ConfigError, match="needs kind=zero3"):
+        build_ds_config(cfg, world_size=2)
+    with pytest.raises(ConfigError, match="unknown|expected"):
+        tiny_cfg(shapes, tmp_path, **{"engine.offload": "params"})
+
+
+# ---------------------------------------------------------------- wrapping from outside
+
+
+def _task_and_batch(shapes, tmp_path, seed=0):
+    from core.tasks import build_task
+
+    cfg = tiny_cfg(shapes, tmp_path)
+    torch.manual_seed(seed)
+    task = build_task(cfg)
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "pixel_values": torch.randn(8, 3, 32, 32, generator=g),
+        "input_ids": torch.randint(0, 100, (8, 12), generator=g),
+        "attention_mask": torch.ones(8, 12, dtype=torch.long),
+    }
+    return task, batch
+
+
+def _grads(task, batch) -> dict[str, torch.Tensor]:
+    task.zero_grad(set_to_none=True)
+    task(batch)["loss"].backward()
+    return {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_is_applied_per_block_and_keeps_gradients(shapes, tmp_path):
+    task, batch = _task_and_batch(shapes, tmp_path)
+    towers = tower_blocks(task)
+    assert sorted(towers) == ["text", "vision"] and all(len(b) == 2 for b in towers.values())
+    names = {n for n, _ in task.named_parameters()}
+    plain = _grads(task, batch)
+    assert apply_activation_checkpointing(task, "every_k", every_k=2) == 2  # block 0 of each
+    assert apply_activation_checkpointing(task, "full") == 4
+    assert {n for n, _ in task.named_parameters()} == names  # no wrapper in the names
+    assert_bitwise_equal(plain, _grads(task, batch))
+
+
+def test_compile_per_block_matches_eager(shapes, tmp_path):
+    task, batch = _task_and_batch(shapes, tmp_path)
+    eager = _grads(task, batch)
+    assert apply_compile(task) == 4
+    compiled = _grads(task, batch)
+    assert eager.keys() == compiled.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- frozen towers, every engine
+
+FROZEN = """
+import json, os, sys
+import torch
+sys.path.insert(0, {root!r})
+from core.config import load_config
+from core.distributed import init_distributed
+from core.engines import build_engine
+from core.tasks import build_task
+from core.loop import seed_everything, train_step
+cfg = load_config("tiny_siglip", {overrides!r})
+dist = init_distributed("gloo")
+seed_everything(0)
+task = build_task(cfg)
+engine = build_engine(task, cfg, dist, 1e-3, 10)
+stream = task.train_stream(cfg, dist)
+batches = iter(stream)
+for _ in range(2):
+    result = train_step(engine, batches, 1, dist)
+    assert result.stepped
+frozen = [p for n, p in task.named_parameters() if n.startswith("vision.")]
+trained = [p for n, p in task.named_parameters() if not n.startswith("vision.")]
+opt = getattr(engine, "base_optimizer", engine.optimizer)
+state_ids = {{id(p) for g in opt.param_groups for p in g["params"] if opt.state.get(p)}}
+out = {{
+    "frozen_requires_grad": any(p.requires_grad for p in frozen),
+    "frozen_grads": sum(p.grad is not None for p in frozen),
+    "frozen_in_optimizer": sum(id(p) in state_ids for p in frozen),
+    "optimizer_numel": sum(  # AdamW's first moment: one element per trained element
+        (v.to_local() if hasattr(v, "to_local") else v).numel()
+        for st in opt.state.values() for k, v in st.items() if k == "exp_avg"
+    ),
+    "trained_numel": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trained),
+    "finite": engine.parameters_finite(),
+}}
+open(sys.argv[1] + f"/rank{{dist.rank}}.json", "w").write(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ENGINES)
+def test_frozen_tower_has_no_gradients_or_optimizer_state(shapes, tmp_path, kind):
+    over = tiny_overrides(shapes, tmp_path / "run", 10, **{"engine.kind": kind})
+    over.append("engine.freeze=[vision]")
+    script = tmp_path / "frozen.py"
+    script.write_text(textwrap.dedent(FROZEN.format(root=str(ROOT), overrides=over)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={29800 + ENGINES.index(kind)}", str(script), str(tmp_path)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert len(results) == 2
+    for r in results:
+        assert r["frozen_requires_grad"] is False
+        assert r["frozen_grads"] == 0 and r["frozen_in_optimizer"] == 0
+        assert r["finite"] is True
+        # The optimizer holds only trained parameters: all of them (ddp), or this rank's
+        # share of them (sharded engines; flat partitions may be padded by a few elements).
+        share = r["optimizer_numel"] / r["trained_numel"]
+        assert share == pytest.approx(1.0 if kind == "ddp" else 0.5, abs=0.01), r
+
+
+# ---------------------------------------------------------------- parity and resume
+
+
+@pytest.fixture(scope="module")
+def straight(shapes, tmp_path_factory) -> Path:
+    """20 uninterrupted fp32 steps of every engine on 2 gloo ranks, same seed and data."""
+    root = tmp_path_factory.mktemp("straight")
+    for kind in ENGINES:
+        assert train_cli(shapes, root / kind, **{"engine.kind": kind}).wait(timeout=600) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_engines_agree_with_ddp_over_20_steps(straight):
+    ref = losses(straight / "ddp")
+    assert len(ref) == STEPS and ref[-1] < 0.7 * ref[0]
+    worst = {}
+    for kind in ENGINES[1:]:
+        curve = losses(straight / kind)
+        assert len(curve) == STEPS
+        worst[kind] = max(abs(a - b) / abs(b) for a, b in zip(curve, ref))
+    print("max relative loss difference to ddp:", worst)
+    assert all(v <= 1e-4 for v in worst.values()), worst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ENGINES[1:])
+def test_sigkill_and_restart_is_bitwise_exact(shapes, tmp_path, straight, kind):
+    run = tmp_path / "killed"
+    kill_after(train_cli(shapes, run, **{"engine.kind": kind}), run, 12)
+    assert list_checkpoints(run / "checkpoints")[-1][0] < STEPS
+    assert train_cli(shapes, run, **{"engine.kind": kind}).wait(timeout=600) == 0
+    events = [r for r in metrics(run) if r.get("event") == "resume"]
+    assert len(events) == 1 and events[0]["step"] in (10, 15)
+    assert_bitwise_equal(exported_state(straight / kind), exported_state(run))
+    resumed = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+    assert [resumed[s] for s in range(events[0]["step"] + 1, STEPS + 1)] == losses(straight / kind)[
+        events[0]["step"] :
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ENGINES[1:])
+def test_resume_into_another_world_size(shapes, tmp_path, straight, kind):
+    """2 ranks -> 1 rank -> 2 ranks, the global batch kept (batch 16 x 2 = 32 x 1): model,
+    optimizer and schedule carry over (DCP resharding; DeepSpeed universal checkpoints)."""
+    run = tmp_path / "run"
+    kill_after(train_cli(shapes, run, **{"engine.kind": kind}), run, 7)
+    one = train_cli(shapes, run, nproc=1, **{"engine.kind": kind, "data.batch_size": 32})
+    kill_after(one, run, 12)
+    assert train_cli(shapes, run, **{"engine.kind": kind}).wait(timeout=600) == 0
+    events = [r["step"] for r in metrics(run) if r.get("event") == "resume"]
+    assert events == [5, 10]
+    rows = {r["step"]: r for r in metrics(run) if "loss" in r}
+    ref = {r["step"]: r for r in metrics(straight / kind) if "loss" in r}
+    # The schedule continues exactly; the first step after each resume starts from the
+    # very weights the uninterrupted run had (it had the same step-5 checkpoint).
+    assert [rows[s]["lr"] for s in range(1, STEPS + 1)] == [ref[s]["lr"] for s in ref]
+    assert [rows[s]["loss"] for s in range(1, 6)] == [ref[s]["loss"] for s in range(1, 6)]
+    assert all(math.isfinite(rows[s]["loss"]) for s in rows)
+    assert sum(rows[s]["loss"] for s in range(16, 21)) < sum(rows[s]["loss"] for s in range(1, 6))
+    assert (run / "eval.json").exists()
+
+
+# ---------------------------------------------------------------- launchers, non-finite steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+def test_deepspeed_launcher_runs_the_same_recipe_in_bf16(shapes, tmp_path, kind):
+    run = tmp_path / "run"
+    over = tiny_overrides(shapes, run, 4, **{"engine.kind": kind, "engine.precision": "bf16"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
+           "--master_port", str(29850 + ENGINES.index(kind)), "--no_local_rank",
+           "--module", "launch.cli", "train", "tiny_siglip", *over]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        json.loads((list_checkpoints(run / "checkpoints")[-1][1] / "meta.json").read_text())[
+            "world_size"
+        ]
+        == 2
+    )
+    curve = losses(run)
+    assert len(curve) == 4 and all(math.isfinite(x) for x in curve) and curve[-1] < curve[0]
+
+
+NAN_AT = """
+import sys
+from core.tasks.siglip import SigLIPTask
+calls = {"n": 0}
+real = SigLIPTask.forward
+def forward(self, batch):
+    calls["n"] += 1
+    out = real(self, batch)
+    if calls["n"] == 3:  # the third step's loss, on rank 0 only
+        import torch.distributed as dist
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            out["loss"] = out["loss"] * float("nan")
+    return out
+SigLIPTask.forward = forward
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zero2", "zero3"])  # fsdp steps like ddp
+def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere(shapes, tmp_path, straight, kind):
+    script = tmp_path / "nan.py"
+    script.write_text(textwrap.dedent(NAN_AT))
+    run = tmp_path / "run"
+    over = tiny_overrides(shapes, run, 5, **{"engine.kind": kind})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={29870 + ENGINES.index(kind)}", str(script), "train", "tiny_siglip",
+           *over]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in metrics(run) if r.get("event") == "skipped_step"] == [3]
+    state = exported_state(run)
+    assert all(torch.isfinite(t).all() for t in state.values())
+    # Steps 1-2 match the uninterrupted run; the skip left the weights as they were.
+    assert losses(run)[:2] == losses(straight / kind)[:2]
+
+
+@pytest.mark.slow
+def test_export_gives_hf_towers_for_every_engine(straight, tmp_path):
+    from safetensors.torch import load_file
+
+    from core.models import from_pretrained
+    from launch.export import export
+
+    ref = None
+    for kind in ENGINES:
+        out = export(straight / kind, tmp_path / kind)
+        state = load_file(out / "model.safetensors")
+        for tower in ("vision", "text"):
+            model = from_pretrained(out / tower)  # no DeepSpeed or DCP needed to read it
+            for name, tensor in model.state_dict().items():
+                if f"{tower}.{name}" in state:
+                    assert torch.equal(tensor, state[f"{tower}.{name}"]), (kind, name)
+        ref = ref or state
+        assert state.keys() == ref.keys()
+        for name in ref:  # the engines trained the same weights
+            torch.testing.assert_close(state[name], ref[name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, offload", [("zero3", "optimizer+params"), ("fsdp", "optimizer+params")]
+)
+def test_cpu_offload_trains_like_ddp(shapes, tmp_path, straight, kind, offload):
+    run = tmp_path / "run"
+    args = ["train", "tiny_siglip", *tiny_overrides(shapes, run, 3, **{"engine.kind": kind,
+            "engine.offload": offload})]  # fmt: skip
+    assert run_cli(args, nproc=2).wait(timeout=600) == 0
+    ref = losses(straight / "ddp")[:3]  # warmup steps: the same lr whatever the run length
+    assert losses(run) == pytest.approx(ref, rel=1e-4)
