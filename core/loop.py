@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, preemption
 from .checkpoint import Checkpointer
 from .config import Config
 from .engines import build_engine
@@ -57,6 +57,7 @@ def total_steps(cfg: Config, global_batch: int, train_samples: int | None) -> in
 def train(cfg: Config) -> dict:
     """Run (or resume) training to the end; returns the last evaluation's metrics (rank 0)."""
     dist = distributed.init_distributed(cfg.launch.backend, cfg.launch.timeout_minutes)
+    preemption.install()  # SLURM's warning signal: finish the step, checkpoint, stop
     logging.basicConfig(
         level=logging.INFO if dist.is_main else logging.WARNING,
         format=f"[%(asctime)s rank{dist.rank}] %(message)s",
@@ -116,7 +117,7 @@ def train(cfg: Config) -> dict:
                     "grad_norm": result.grad_norm,
                     "skipped_steps": skipped_total,
                     **window.flush(),
-                    **result.task_metrics,
+                    **{k: float(v) for k, v in result.task_metrics.items()},
                     **{f"data/{k}": v for k, v in train_stream.stats().items()},
                     **memory_metrics(dist.device),
                 }
@@ -125,8 +126,14 @@ def train(cfg: Config) -> dict:
 
             if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
                 eval_metrics = run_eval(task, cfg, dist, engine, logger, step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != steps:
+            periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
+            if (periodic or result.stop) and step != steps:
                 save_checkpoint(ckpt, step, engine, train_stream)
+            if result.stop and step != steps:  # every rank agrees: the flag was all-reduced
+                signame = preemption.signal_name() or "a signal on another rank"
+                logger.event(step, "interrupted", signal=signame, checkpoint=f"step_{step}")
+                distributed.barrier()  # no rank exits (and gets the others killed) before this
+                raise preemption.Interrupted(step, signame, str(ckpt.root / f"step_{step}"))
         if start_step < steps or not (run_dir / "eval.json").exists():
             eval_metrics = run_eval(task, cfg, dist, engine, logger, step)
         if resume_from is None or start_step < steps:
@@ -150,12 +157,15 @@ class StepResult:
     tokens: int  # global
     data_wait: float  # seconds this rank waited for batches
     task_metrics: dict
+    stop: bool = False  # some rank got a preemption/timeout signal: all stop after this step
 
 
 def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
     """One optimizer step: `accum_steps` micro-batches, gradients synced on the last one only."""
-    loss_sum = torch.zeros((), device=dist.device)
-    samples = tokens = 0
+    # Sums stay on the device until the one collective below: no host sync per micro-step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+    samples = torch.zeros((), dtype=torch.float64, device=dist.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=dist.device)
     data_wait = 0.0
     task_metrics: dict = {}
     for micro in range(accum_steps):
@@ -164,16 +174,17 @@ def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
         data_wait += time.perf_counter() - t_data
         last = micro == accum_steps - 1
         out = engine.forward_backward(batch, 1.0 / accum_steps, sync=last)
-        loss_sum += out["loss"].detach().float()
-        samples += int(out.get("num_samples", 0))
-        tokens += int(out.get("num_tokens", 0))
+        loss_sum += out["loss"].detach().double()
+        samples += out.get("num_samples", 0)
+        tokens += out.get("num_tokens", 0)
         task_metrics.update(out.get("metrics", {}))
-    loss = loss_sum.item() / accum_steps
-    finite = math.isfinite(loss)
-    # One collective for everything the ranks must agree on or report globally.
-    n_bad, loss_total, samples, tokens = distributed.all_reduce_sum(
-        [0.0 if finite else 1.0, loss if finite else 0.0, samples, tokens], dist.device
-    )
+    finite = torch.isfinite(loss_sum)
+    stop_vote = torch.tensor(float(preemption.requested()), device=dist.device)
+    # One collective (and one host sync) for everything the ranks must agree on or report.
+    n_bad, loss_total, samples, tokens, n_stop = distributed.all_reduce_sum(
+        [(~finite).double(), torch.where(finite, loss_sum / accum_steps, 0.0), samples, tokens,
+         stop_vote]
+    )  # fmt: skip
     grad_norm, stepped = engine.step(loss_is_finite=n_bad == 0)
     return StepResult(
         loss=loss_total / dist.world_size if n_bad == 0 else math.nan,
@@ -182,7 +193,8 @@ def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
         samples=int(samples),
         tokens=int(tokens),
         data_wait=data_wait,
-        task_metrics={k: float(v) for k, v in task_metrics.items()},
+        task_metrics=task_metrics,  # tensors: read (a host sync) only on logging steps
+        stop=n_stop > 0,
     )
 
 
@@ -201,10 +213,11 @@ def save_checkpoint(ckpt: Checkpointer, step: int, engine, stream) -> None:
 
 
 def run_eval(task, cfg: Config, dist, engine, logger: MetricsLogger, step: int) -> dict:
-    task.eval()
-    with torch.no_grad(), engine.autocast():
-        metrics = task.evaluate(cfg, dist)
-    task.train()
+    # Sharded engines hand out a model with full weights: evaluation code may run on one rank.
+    with engine.full_model() as model, torch.no_grad(), engine.autocast():
+        model.eval()
+        metrics = model.evaluate(cfg, dist)
+        model.train()
     if dist.is_main and metrics:
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         tmp = Path(cfg.run_dir) / "eval.json.tmp"

@@ -14,6 +14,10 @@ SUBCOMMANDS = {
     "train": ("launch.train", "train (or resume) a recipe"),
     "shards": ("launch.shards", "write training shards (synthetic shapes, CC3M)"),
     "report": ("launch.report", "print a run's results and draw its curves"),
+    "export": ("launch.export", "a run's checkpoint (any engine) as HF-layout safetensors"),
+    "plan": ("launch.plan", "estimate per-GPU memory of every engine for a recipe"),
+    "submit": ("launch.submit", "submit a recipe (or resume a run) as a SLURM job via submitit"),
+    "status": ("launch.status", "a run's step, newest checkpoint, SLURM jobs and their states"),
 }
 
 
@@ -32,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from core.config import ConfigError
+    from core.preemption import EXIT_INTERRUPTED, Interrupted
 
     args = build_parser().parse_args(argv)
     try:
@@ -39,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # bad recipe or override: one clear line, no traceback
         print(f"vlscale {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # preemption/timeout signal: checkpointed, rerun to continue
+        print(f"vlscale {args.command}: {stop}; the same command resumes", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
