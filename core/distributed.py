@@ -67,12 +67,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few scalars across ranks in one collective."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+def all_reduce_sum(values: list[torch.Tensor]) -> list[float]:
+    """Sum a few scalar tensors (on this rank's device) across ranks: one collective, one sync."""
+    t = torch.stack([torch.as_tensor(v).to(torch.float64) for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(t)
     return t.tolist()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -223,3 +224,20 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shapes, tmp_path, monkeyp
     # Checkpoints were written at 5 and 10 only, and hold finite parameters.
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [5, 10]
     assert all(torch.isfinite(t).all() for t in final_params(run).values())
+
+
+def test_bf16_run_and_wandb_run_id_survives_resume(shapes, tmp_path):
+    from core.loop import train
+
+    run = tmp_path / "run"
+    extra = {"engine.precision": "bf16", "logging.wandb.mode": "offline", "checkpoint.keep": 2}
+    train(load_config("tiny_siglip", tiny_overrides(shapes, run, 6, **extra)))
+    run_id = (run / "wandb_id").read_text()
+    train(load_config("tiny_siglip", tiny_overrides(shapes, run, 8, **extra)))  # resumes at 6
+    assert (run / "wandb_id").read_text() == run_id
+    offline_runs = list((run / "wandb").glob("offline-run-*"))
+    assert offline_runs and all(p.name.endswith(run_id) for p in offline_runs)
+    rows = [r for r in metrics(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [6, 8]  # keep=2

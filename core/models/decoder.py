@@ -84,6 +84,7 @@ class DecoderConfig:
     embed_scale: bool = False  # Gemma: embeddings are multiplied by sqrt(hidden_size)
     tie_embeddings: bool = False
     max_position_embeddings: int = 32768
+    initializer_range: float = 0.02  # std of random init (models trained from scratch)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -139,6 +140,7 @@ class DecoderConfig:
             act=act,
             tie_embeddings=get("tie_word_embeddings"),
             max_position_embeddings=get("max_position_embeddings"),
+            initializer_range=cfg.get("initializer_range", 0.02),
             pad_token_id=get("pad_token_id"),
             bos_token_id=get("bos_token_id"),
             eos_token_id=get("eos_token_id"),
@@ -346,7 +348,7 @@ class Decoder(nn.Module):
             )
         )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.init_weights()
+        self.init_weights(cfg.initializer_range)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -541,6 +543,7 @@ class Decoder(nn.Module):
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
             "rope_theta": cfg.rope_theta,
             "attention_dropout": 0.0,
+            "initializer_range": cfg.initializer_range,
             "pad_token_id": cfg.pad_token_id,
             "bos_token_id": cfg.bos_token_id,
             "eos_token_id": cfg.eos_token_id,

@@ -3,8 +3,6 @@ sigmoid loss with learnable temperature and bias (Zhai et al., 2023)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,10 +69,10 @@ class SigLIPTask(nn.Module):
         return {
             "loss": loss,
             "num_samples": image.shape[0],
-            "num_tokens": int(batch["attention_mask"].sum()),
+            "num_tokens": batch["attention_mask"].sum(),
             "metrics": {
-                "temperature": math.exp(self.logit_scale.item()),
-                "logit_bias": self.logit_bias.item(),
+                "temperature": self.logit_scale.detach().exp(),
+                "logit_bias": self.logit_bias.detach(),
             },
         }
 
