@@ -17,23 +17,33 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.memory import measure_activations  # noqa: E402
 from launch.plan import model_state  # noqa: E402
 
-SMALL = [  # tiny_siglip's shapes; its data paths, 8 samples a batch
+SHAPES = [  # tiny_siglip's shapes, 8 samples a batch
     "data.batch_size=8",
     "model.vision_config.image_size=32",
     "data.max_text_len=16",
 ]
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> list[str]:
+    """SHAPES plus a tokenizer of our own: a fresh clone has no data/shapes."""
+    from core.data.synthetic import write_synthetic_shards
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_synthetic_shards(out, n_train=64, n_val=16, seed=0, shard_size=64, image_size=32)
+    return [*SHAPES, f"model.tokenizer={out / 'tokenizer'}"]
+
+
 @pytest.mark.slow
-def test_activation_checkpointing_cuts_activation_memory():
-    acts = measure_activations(["engine.precision=fp32", *SMALL], batch_size=8)
+def test_activation_checkpointing_cuts_activation_memory(small):
+    acts = measure_activations(["engine.precision=fp32", *small], batch_size=8)
     assert acts["full"] < 0.25 * acts["none"], acts
     assert acts["full"] < acts["every_k"] < 0.8 * acts["none"], acts
 
 
-def _measure(nproc: int, precision: str) -> list[dict]:
+def _measure(nproc: int, precision: str, small: list[str]) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    script = [str(ROOT / "benchmarks" / "memory.py"), *SMALL, f"engine.precision={precision}"]
+    script = [str(ROOT / "benchmarks" / "memory.py"), *small, f"engine.precision={precision}"]
     if nproc == 1:
         cmd = [sys.executable, *script]
     else:
@@ -46,8 +56,8 @@ def _measure(nproc: int, precision: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, precision", [(1, "fp32"), (2, "fp32"), (2, "bf16")])
-def test_plan_agrees_with_measured_model_state(nproc, precision):
-    rows = {r["engine"]: r for r in _measure(nproc, precision)}
+def test_plan_agrees_with_measured_model_state(nproc, precision, small):
+    rows = {r["engine"]: r for r in _measure(nproc, precision, small)}
     assert sorted(rows) == ["ddp", "fsdp", "zero2", "zero3"]
     for kind, r in rows.items():
         planned = model_state(kind, "none", precision, r["n_params"], r["n_trained"], nproc)
