@@ -26,12 +26,17 @@ SHAPES = [  # tiny_siglip's shapes, 8 samples a batch
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> list[str]:
-    """SHAPES plus a tokenizer of our own: a fresh clone has no data/shapes."""
+    """SHAPES plus shards and a tokenizer of our own: a fresh clone has no data/shapes."""
     from core.data.synthetic import write_synthetic_shards
 
     out = tmp_path_factory.mktemp("shapes")
     write_synthetic_shards(out, n_train=64, n_val=16, seed=0, shard_size=64, image_size=32)
-    return [*SHAPES, f"model.tokenizer={out / 'tokenizer'}"]
+    return [
+        *SHAPES,
+        f"model.tokenizer={out / 'tokenizer'}",
+        f"data.train={out / 'train-000000.tar'}",
+        f"data.val={out / 'val-000000.tar'}",
+    ]
 
 
 @pytest.mark.slow
