@@ -12,25 +12,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from core.report import read_metrics
+
 from .submit import JOBS_FILE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory (runs/<name>)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-    return out
 
 
 def job_state(job_id: str) -> dict:
@@ -64,7 +53,7 @@ def job_state(job_id: str) -> dict:
 def collect(run_dir: Path) -> dict:
     from core.checkpoint import list_checkpoints
 
-    records = _records(run_dir)
+    records = read_metrics(run_dir)
     steps = [r["step"] for r in records if "loss" in r]
     ckpts = list_checkpoints(run_dir / "checkpoints")
     max_steps = None
