@@ -27,6 +27,17 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class ProjectorConfig:
+    """VLM: vision tokens -> LM embeddings. Pixel shuffle folds r x r neighbouring patches into one
+    token (r^2 times the channels), then a linear map (optionally LayerNorm first, or a 2-layer
+    MLP). pixel_shuffle=0 picks r for `image_tokens` tokens per image."""
+
+    kind: Literal["linear", "layernorm", "mlp"] = "linear"
+    pixel_shuffle: int = 0
+    image_tokens: int = 0  # with pixel_shuffle=0; 0 = r=1 (no shuffle)
+
+
+@dataclass
 class ModelConfig:
     """The towers. Each is a Hugging Face checkpoint (hub id or local directory) loaded with its
     weights, or, when the path is empty, built with random weights from an HF-style config dict."""
@@ -37,11 +48,29 @@ class ModelConfig:
     text_config: dict = field(default_factory=dict)
     tokenizer: str = ""  # defaults to `text`
     image_size: int = 0  # 0 = the vision checkpoint's own size; else interpolate positions
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"]
+    )  # fmt: skip
 
 
 @dataclass
 class TaskConfig:
-    kind: Literal["siglip"] = "siglip"
+    kind: Literal["siglip", "vlm"] = "siglip"
+    # vlm: stage 1 trains the projector only; stage 2 also the LM (lm_tuning full | lora).
+    stage: int = 1
+    lm_tuning: Literal["full", "lora"] = "full"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train_vision: bool = False
+    init_from: str = ""  # vlm: a previous stage's run directory (its newest checkpoint)
     embed_dim: int = 768
     pooling: Literal["mean", "cls", "map", "last"] = "mean"  # image tower pooling
     text_pooling: Literal["mean", "last"] = "mean"
@@ -62,6 +91,11 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     max_pixels: int = 50_000_000
     max_caption_bytes: int = 4096
+    # vlm: `train`/`val` may contain {subset}; mixture {subset: weight} mixes subsets by samples.
+    mixture: dict = field(default_factory=dict)
+    max_seq_len: int = 1024  # vlm: a sample's tokens; packed rows have this length
+    system_prompt: str = "You are a helpful assistant."
+    max_images: int = 8  # vlm: per sample
 
 
 @dataclass
@@ -122,6 +156,10 @@ class EvalConfig:
     every: int = 0  # steps; 0 = only at the end
     batch_size: int = 64
     zeroshot: bool = True
+    subsets: list[str] = field(default_factory=list)  # vlm: val subsets (default: the mixture)
+    max_new_tokens: int = 16  # vlm: answer length for VQA
+    gen_steps: int = 0  # vlm: every N steps answer `gen_samples` fixed questions and log them
+    gen_samples: int = 8
 
 
 @dataclass

@@ -126,6 +126,8 @@ def train(cfg: Config) -> dict:
 
             if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
                 eval_metrics = run_eval(task, cfg, dist, engine, logger, step)
+            if cfg.eval.gen_steps and step % cfg.eval.gen_steps == 0:
+                log_generations(cfg, dist, engine, logger, step)
             periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
             if (periodic or result.stop) and step != steps:
                 save_checkpoint(ckpt, step, engine, train_stream)
@@ -161,20 +163,32 @@ class StepResult:
 
 
 def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
-    """One optimizer step: `accum_steps` micro-batches, gradients synced on the last one only."""
+    """One optimizer step: `accum_steps` micro-batches, gradients synced on the last one only.
+
+    Micro-batches that count their supervised tokens (`loss_tokens`, from packing) are weighted
+    by them: each gets `loss_denominator` = global tokens / ranks and a loss scale of 1, so the
+    step's gradient is that of the mean over every token of the global batch (engines average
+    over ranks). Otherwise each micro-batch's mean loss is scaled by 1 / accum_steps.
+    """
+    t_data = time.perf_counter()
+    micro_batches = [to_device(next(batches), dist.device) for _ in range(accum_steps)]
+    data_wait = time.perf_counter() - t_data
+    loss_scale = 1.0 / accum_steps
+    if "loss_tokens" in micro_batches[0]:
+        local = torch.tensor(float(sum(b["loss_tokens"] for b in micro_batches)))
+        (global_tokens,) = distributed.all_reduce_sum([local.to(dist.device)])
+        for batch in micro_batches:
+            batch["loss_denominator"] = max(global_tokens, 1.0) / dist.world_size
+        loss_scale = 1.0
     # Sums stay on the device until the one collective below: no host sync per micro-step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
     samples = torch.zeros((), dtype=torch.float64, device=dist.device)
     tokens = torch.zeros((), dtype=torch.float64, device=dist.device)
-    data_wait = 0.0
     task_metrics: dict = {}
-    for micro in range(accum_steps):
-        t_data = time.perf_counter()
-        batch = to_device(next(batches), dist.device)
-        data_wait += time.perf_counter() - t_data
+    for micro, batch in enumerate(micro_batches):
         last = micro == accum_steps - 1
-        out = engine.forward_backward(batch, 1.0 / accum_steps, sync=last)
-        loss_sum += out["loss"].detach().double()
+        out = engine.forward_backward(batch, loss_scale, sync=last)
+        loss_sum += out["loss"].detach().double() * loss_scale
         samples += out.get("num_samples", 0)
         tokens += out.get("num_tokens", 0)
         task_metrics.update(out.get("metrics", {}))
@@ -182,9 +196,8 @@ def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
     stop_vote = torch.tensor(float(preemption.requested()), device=dist.device)
     # One collective (and one host sync) for everything the ranks must agree on or report.
     n_bad, loss_total, samples, tokens, n_stop = distributed.all_reduce_sum(
-        [(~finite).double(), torch.where(finite, loss_sum / accum_steps, 0.0), samples, tokens,
-         stop_vote]
-    )  # fmt: skip
+        [(~finite).double(), torch.where(finite, loss_sum, 0.0), samples, tokens, stop_vote]
+    )
     grad_norm, stepped = engine.step(loss_is_finite=n_bad == 0)
     return StepResult(
         loss=loss_total / dist.world_size if n_bad == 0 else math.nan,
@@ -224,6 +237,23 @@ def run_eval(task, cfg: Config, dist, engine, logger: MetricsLogger, step: int) 
         tmp.write_text(json.dumps({"step": step, **metrics}, indent=2))
         os.replace(tmp, Path(cfg.run_dir) / "eval.json")
     return metrics
+
+
+def log_generations(cfg: Config, dist, engine, logger: MetricsLogger, step: int) -> None:
+    """Answers to fixed validation questions, appended to generations.txt and a wandb table:
+    watching them change is the quickest check that a VLM is learning to look and to stop."""
+    with engine.full_model() as model, torch.no_grad(), engine.autocast():
+        if not hasattr(model, "generation_samples"):
+            return
+        model.eval()
+        rows = model.generation_samples(cfg, dist)
+        model.train()
+    if dist.is_main and rows:
+        with open(Path(cfg.run_dir) / "generations.txt", "a") as f:
+            for row in rows:
+                f.write(f"step {step}\t{row['key']}\t{row['prediction']!r}\t"
+                        f"(reference {row['reference']!r})\n")  # fmt: skip
+        logger.table(step, "generations", rows)
 
 
 def memory_metrics(device: torch.device) -> dict:

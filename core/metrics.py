@@ -54,6 +54,18 @@ class MetricsLogger:
                 loss=f"{metrics['loss']:.4f}", sps=f"{metrics.get('samples_per_s', 0):.0f}"
             )
 
+    def table(self, step: int, name: str, rows: list[dict]) -> None:
+        """Rows of text (e.g. generated answers): a wandb table; metrics.jsonl gets the count."""
+        if not self.enabled or not rows:
+            return
+        if self.wandb is not None:
+            import wandb
+
+            columns = list(rows[0])
+            data = [[row[c] for c in columns] for row in rows]
+            self.wandb.log({name: wandb.Table(columns=columns, data=data)}, step=step)
+        self.file.write(json.dumps({"step": step, "event": name, "rows": len(rows)}) + "\n")
+
     def advance(self, step: int) -> None:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)

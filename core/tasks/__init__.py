@@ -11,4 +11,8 @@ def build_task(cfg: Config):
         from .siglip import SigLIPTask
 
         return SigLIPTask(cfg)
+    if cfg.task.kind == "vlm":
+        from .vlm import VLMTask
+
+        return VLMTask(cfg)
     raise ValueError(f"unknown task.kind {cfg.task.kind!r}")
