@@ -26,8 +26,11 @@ def decode_answers(tokenizer, tokens: torch.Tensor, stop_id: int) -> list[str]:
     return answers
 
 
-def val_subsets(cfg: Config) -> list[str]:
-    return list(cfg.eval.subsets or cfg.data.mixture)
+def val_mixture(cfg: Config) -> dict | None:
+    """Each validation subset once (eval.subsets, default the training mixture's)."""
+    if "{subset}" not in cfg.data.val:
+        return None
+    return dict.fromkeys(cfg.eval.subsets or cfg.data.mixture)
 
 
 def answer_stream(task, cfg: Config, dist, *, limit_per_rank: int = 0):
@@ -41,7 +44,7 @@ def answer_stream(task, cfg: Config, dist, *, limit_per_rank: int = 0):
     batch_size = min(cfg.eval.batch_size, limit_per_rank) if limit_per_rank else 0
     stream = make_stream(
         cfg, dist, cfg.data.val, task.eval_decoder, train=False, collate=collate,
-        mixture=dict.fromkeys(val_subsets(cfg)), batch_size=batch_size,
+        mixture=val_mixture(cfg), batch_size=batch_size,
     )  # fmt: skip
     stop = token_id(task.tokenizer, "<|im_end|>")
     done = 0
@@ -80,7 +83,7 @@ def val_loss(task, cfg: Config, dist) -> float:
 
     stream = make_stream(
         cfg, dist, cfg.data.val, task.train_decoder, train=False,
-        collate=task.packed_collate(), mixture=dict.fromkeys(val_subsets(cfg)),
+        collate=task.packed_collate(), mixture=val_mixture(cfg),
     )  # fmt: skip
     total = torch.zeros(2, dtype=torch.float64)
     for batch in stream:

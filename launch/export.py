@@ -1,10 +1,11 @@
 """`vlscale export RUN_DIR OUT [--step N]`: a run's checkpoint (any engine) as HF-layout
 safetensors.
 
-OUT/vision/ and OUT/text/ are Hugging Face checkpoints of the towers (config.json +
-model.safetensors, loadable by transformers and by `core.models.from_pretrained`);
-OUT/model.safetensors holds every tensor of the task under its module names (towers, projections,
-logit scale and bias); OUT/config.yaml is the run's config. Reading the result needs only
+The task writes its towers as Hugging Face checkpoints (config.json + model.safetensors, loadable
+by transformers and by `core.models.from_pretrained`): SigLIP OUT/vision/ and OUT/text/; a VLM
+OUT/vision/, OUT/lm/ (LoRA merged) and, for LoRA runs, OUT/lm_adapter/ (a peft adapter) on
+OUT/lm_base/. OUT/model.safetensors holds every tensor of the task under its module names;
+OUT/config.yaml is the run's config. Reading the result needs only
 safetensors: DeepSpeed is imported only to consolidate a ZeRO checkpoint, DCP only for FSDP.
 """
 
@@ -38,15 +39,14 @@ def consolidated(run_dir: str | Path, step: int | None = None):
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
-    from core.models import hub, save_pretrained
+    from core.models import hub
 
     task, cfg, state = consolidated(run_dir, step)
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in ("vision", "text"):
-        save_pretrained(getattr(task, name), tmp / name)
+    task.export_hf(tmp, state)
     hub.save_state_dict(state, tmp)
     (tmp / "config.yaml").write_text(cfg.to_yaml())
     shutil.rmtree(out, ignore_errors=True)

@@ -48,28 +48,18 @@ def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> to
     raise ValueError(f"unknown pooling {how!r}")
 
 
-def subset_urls(urls: str, subsets) -> str:
-    """`urls` with {subset} filled in for each subset, joined with '::' (ShardStream's list)."""
-    if "{subset}" not in urls:
-        if subsets:
-            raise ValueError(f"subsets {list(subsets)} given but {urls!r} has no {{subset}}")
-        return urls
-    if not subsets:
-        raise ValueError(f"{urls!r} has {{subset}}: set data.mixture (or eval.subsets)")
-    return "::".join(urls.replace("{subset}", name) for name in subsets)
-
-
 def make_stream(
     cfg: Config, dist, urls: str, decode, *, train: bool, collate=None, mixture=None,
     batch_size: int = 0,
 ):  # fmt: skip
+    from ..data.mixture import mixture_urls
     from ..data.preprocess import collate as default_collate
     from ..data.stream import ShardStream
 
     if not urls:
         raise ValueError(f"data.{'train' if train else 'val'} is empty: point it at shards")
     return ShardStream(
-        subset_urls(urls, list(mixture or {})),
+        mixture_urls(urls, mixture) if mixture else urls,
         decode=decode,
         collate=collate or default_collate,
         batch_size=batch_size or (cfg.data.batch_size if train else cfg.eval.batch_size),

@@ -76,6 +76,13 @@ class SigLIPTask(nn.Module):
             },
         }
 
+    def export_hf(self, out, state: dict) -> None:
+        """The towers as Hugging Face checkpoints (`vlscale export`)."""
+        from ..models import save_pretrained
+
+        save_pretrained(self.vision, out / "vision")
+        save_pretrained(self.text, out / "text")
+
     # ------------------------------------------------------------------ data and evaluation
     def sample_decoder(self, cfg: Config):
         from ..data.preprocess import ImageTextDecoder

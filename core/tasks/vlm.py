@@ -136,6 +136,30 @@ class VLMTask(nn.Module):
             **sampling,
         )
 
+    def export_hf(self, out, state: dict) -> None:
+        """vision/, projector.safetensors, lm/ (adapters merged) and, for LoRA runs, lm_base/ +
+        lm_adapter/ (peft) — each loadable without vlscale (`vlscale export`)."""
+        from safetensors.torch import save_file
+
+        from .. import models
+        from ..lora import has_lora, merge_lora_state, write_peft_adapter
+
+        models.save_pretrained(self.vision, out / "vision")
+        projector = {k: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
+        save_file(projector, out / "projector.safetensors")
+        lm_state = {k[3:]: v for k, v in state.items() if k.startswith("lm.")}
+        alpha = self.cfg.task.lora.alpha
+        for name, weights in (("lm", merge_lora_state(lm_state, alpha)),
+                              ("lm_base", merge_lora_state(lm_state, 0.0))):  # fmt: skip
+            if name == "lm_base" and not has_lora(lm_state):
+                break
+            with torch.device("meta"):
+                plain = models.from_config(self.lm.hf_config())
+            plain.load_state_dict(weights, assign=True)
+            models.save_pretrained(plain, out / name)
+        if has_lora(lm_state):
+            write_peft_adapter(state, "lm.", self.cfg.task.lora, out / "lm_adapter", "../lm_base")
+
     # ------------------------------------------------------------------ data and evaluation
     def sample_decoders(self, cfg: Config):
         from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder
