@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "shards": ("launch.shards", "write training shards (synthetic shapes, CC3M)"),
     "report": ("launch.report", "print a run's results and draw its curves"),
     "export": ("launch.export", "a run's checkpoint (any engine) as HF-layout safetensors"),
+    "generate": ("launch.generate", "answer prompts (with images) using a trained VLM run"),
     "plan": ("launch.plan", "estimate per-GPU memory of every engine for a recipe"),
     "submit": ("launch.submit", "submit a recipe (or resume a run) as a SLURM job via submitit"),
     "status": ("launch.status", "a run's step, newest checkpoint, SLURM jobs and their states"),

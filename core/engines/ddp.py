@@ -79,8 +79,7 @@ class DDPEngine:
     def save(self, directory: Path) -> None:
         if not self.dist.is_main:
             return
-        save_file({k: v.detach().contiguous() for k, v in self.task.state_dict().items()},
-                  directory / "model.safetensors")  # fmt: skip
+        save_file(unshared(self.task.state_dict()), directory / "model.safetensors")
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             directory / "optimizer.pt",
@@ -95,8 +94,22 @@ class DDPEngine:
         self.optimizer.load_state_dict(opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
 
+    can_reshard = True  # a full replica loads into any world size
+
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         return self.task.state_dict()
 
     def parameters_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.task.parameters())
+
+
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings): the second name gets a
+    copy. Loading copies both into the one tied parameter, so the tie survives."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        value = value.detach()
+        storage = value.untyped_storage().data_ptr()
+        out[key] = value.clone() if storage in seen else value.contiguous()
+        seen.add(storage)
+    return out

@@ -122,18 +122,20 @@ class VLMTask(nn.Module):
         }
 
     @torch.no_grad()
-    def answer(
-        self, input_ids, attention_mask, pixel_values, max_new_tokens: int, **sampling
-    ) -> torch.Tensor:
-        """New tokens for left-padded prompts [B, T] (generation with the KV cache)."""
+    def answer(self, input_ids, attention_mask, pixel_values, max_new_tokens: int, **options):
+        """New tokens for left-padded prompts [B, T], decoded with the KV cache; `options` are
+        core.models.generation.GenerationConfig fields (greedy by default)."""
+        from ..models.generation import generate
+
         embeds = self.input_embeddings(input_ids, pixel_values)
-        return self.lm.generate(
-            None,
-            max_new_tokens,
-            eos_token_id=token_id(self.tokenizer, "<|im_end|>"),
-            attention_mask=attention_mask,
+        return generate(
+            self.lm,
             inputs_embeds=embeds,
-            **sampling,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=token_id(self.tokenizer, "<|im_end|>"),
+            pad_token_id=pad_id(self.tokenizer),
+            **options,
         )
 
     def export_hf(self, out, state: dict) -> None:

@@ -1,0 +1,85 @@
+"""`vlscale generate RUN_DIR --image PATH --prompt TEXT`: answer with a trained VLM run.
+
+Loads the run's newest checkpoint (any engine; LoRA adapters included), builds the same ChatML
+prompt as training, and decodes with the KV cache: greedy by default, or sampling (temperature,
+top-k, top-p) or beam search. Several --prompt (or a --batch JSONL of {"prompt", "images"}) are
+answered in one left-padded batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a VLM training run directory")
+    parser.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    parser.add_argument("--prompt", action="append", default=[], help="question (repeatable)")
+    parser.add_argument("--batch", type=Path, help='JSONL of {"prompt": str, "images": [paths]}')
+    parser.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy/beams")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def requests(args) -> list[tuple[str, list[Path]]]:
+    items = [(prompt, [Path(p) for p in args.image]) for prompt in args.prompt]
+    if args.batch:
+        for line in args.batch.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                items.append((row["prompt"], [Path(p) for p in row.get("images", [])]))
+    if not items:
+        raise SystemExit("vlscale generate: give --prompt (with --image) or --batch")
+    return items
+
+
+def answer(task, items: list[tuple[str, list[Path]]], device, **options) -> list[str]:
+    from core.data.packing import PromptCollate
+    from core.evaluate_vlm import decode_answers
+    from core.tasks.vlm import pad_id, token_id
+
+    samples = []
+    for prompt, images in items:
+        pixels = [task.eval_decoder.load_image(path.read_bytes()) for path in images]
+        ids = task.processor.prompt([{"user": prompt, "assistant": ""}], len(images))
+        size = task.vision.image_size
+        samples.append({
+            "prompt_ids": torch.tensor(ids),
+            "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 3, size, size),
+        })  # fmt: skip
+    collate = PromptCollate(pad_id(task.tokenizer), task.image_token_id, task.tokens_per_image)
+    batch = {k: v.to(device) for k, v in collate(samples).items()}
+    tokens = task.answer(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **options
+    )
+    return decode_answers(task.tokenizer, tokens.cpu(), token_id(task.tokenizer, "<|im_end|>"))
+
+
+def main(args) -> int:
+    from launch.export import consolidated
+
+    task, cfg, _ = consolidated(args.run_dir, args.step)
+    if cfg.task.kind != "vlm":
+        raise SystemExit(f"vlscale generate: {args.run_dir} is a {cfg.task.kind} run, not a VLM")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    task = task.to(device).eval()
+    torch.manual_seed(args.seed)
+    items = requests(args)
+    answers = answer(
+        task, items, device, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        num_beams=args.num_beams,
+    )  # fmt: skip
+    for (prompt, images), text in zip(items, answers, strict=True):
+        where = ", ".join(str(p) for p in images) or "no image"
+        print(f"[{where}] {prompt}\n-> {text}")
+    return 0

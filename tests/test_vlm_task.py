@@ -1,0 +1,201 @@
+"""The staged VLM task: packed loss equals per-sample losses, text-only batches keep every module
+in the step, stage freezing rules, LoRA, init_from, evaluation, generation and export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import metrics, run_cli
+
+from core.config import load_config
+from core.data.shards import open_shard
+
+SUBSETS = ["shapes_colour", "shapes_shape", "shapes_text", "shapes_two_images", "shapes_caption"]
+
+
+@pytest.fixture(scope="module")
+def vqa(tmp_path_factory) -> Path:
+    """FineVision-layout shards of the synthetic VQA subsets (+ tokenizer)."""
+    from core.data.finevision import convert_finevision
+    from core.data.synthetic import write_finevision_parquet
+
+    root = tmp_path_factory.mktemp("vqa")
+    write_finevision_parquet(root / "parquet", n_train=96, n_val=16, seed=0, image_size=32,
+                             subsets=SUBSETS)  # fmt: skip
+    convert_finevision(root / "parquet", SUBSETS, root / "shards", val_samples=16, shard_size=32)
+    return root / "shards"
+
+
+def vlm_overrides(vqa: Path, run_dir: Path, steps: int = 10, **extra) -> list[str]:
+    over = {
+        "run_dir": str(run_dir),
+        "model.vision": "",
+        "model.vision_config": json.dumps(
+            {
+                "model_type": "siglip_vision_model",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+                "vision_use_head": False,
+            }
+        ),  # fmt: skip
+        "model.text_config.hidden_size": 32,
+        "model.text_config.intermediate_size": 64,
+        "model.text_config.num_hidden_layers": 2,
+        "model.text_config.num_attention_heads": 2,
+        "model.text_config.num_key_value_heads": 1,
+        "model.tokenizer": str(vqa / "tokenizer"),
+        "model.projector.image_tokens": 4,
+        "data.train": str(vqa / "{subset}" / "train-*.tar"),
+        "data.val": str(vqa / "{subset}" / "val-*.tar"),
+        "data.mixture": json.dumps({s: 1 for s in SUBSETS}),
+        "data.batch_size": 16,
+        "data.num_workers": 0,
+        "data.max_seq_len": 128,
+        "optim.max_steps": steps,
+        "optim.warmup_steps": 2,
+        "logging.every": 1,
+        "logging.progress": "false",
+        "logging.wandb.mode": "disabled",
+        "checkpoint.every": 5,
+        "eval.subsets": json.dumps(["shapes_colour", "shapes_shape"]),
+        "eval.batch_size": 8,
+        "eval.max_new_tokens": 4,
+    }
+    over.update(extra)
+    return [f"{k}={v}" for k, v in over.items()]
+
+
+def vlm_task(vqa, tmp_path, **extra):
+    from core.tasks import build_task
+
+    torch.manual_seed(0)
+    return build_task(load_config("tiny_vlm_stage1", vlm_overrides(vqa, tmp_path / "run", **extra)))
+
+
+def decoded(task, vqa: Path, subset: str, n: int) -> list[dict]:
+    shard = open_shard(str(next((vqa / subset).glob("train-*.tar"))))
+    return [task.train_decoder(shard.read(i)) for i in range(n)]
+
+
+def test_packed_rows_compute_the_same_loss_as_separate_samples(vqa, tmp_path):
+    task = vlm_task(vqa, tmp_path).eval()
+    samples = decoded(task, vqa, "shapes_colour", 3) + decoded(task, vqa, "shapes_text", 2)
+    samples += decoded(task, vqa, "shapes_two_images", 2)
+    collate = task.packed_collate()
+    packed = collate(samples)
+    assert packed["input_ids"].shape[0] < len(samples)  # several samples share a row
+    with torch.no_grad():
+        total = task({**packed, "loss_denominator": 1.0})["loss"]
+        alone = sum(task({**collate([s]), "loss_denominator": 1.0})["loss"] for s in samples)
+    torch.testing.assert_close(total, alone, rtol=1e-5, atol=1e-5)
+    assert packed["loss_tokens"] == sum(int((s["labels"] != -100).sum()) for s in samples)
+
+
+def test_text_only_batches_still_run_vision_and_projector(vqa, tmp_path):
+    task = vlm_task(vqa, tmp_path)
+    calls = []
+    task.vision.register_forward_hook(lambda *_: calls.append("vision"))
+    batch = task.packed_collate()(decoded(task, vqa, "shapes_text", 4))
+    assert batch["pixel_values"].shape[0] == 0
+    task(batch)["loss"].backward()
+    assert calls == ["vision"]  # ZeRO-3 / FSDP ranks must gather the same modules
+    grads = [p.grad for p in task.projector.parameters()]
+    assert all(g is not None and not g.any() for g in grads)  # joined to the loss with weight 0
+
+
+def test_stages_train_the_right_parameters(vqa, tmp_path):
+    def trainable(task):
+        return {name.split(".")[0] for name, p in task.named_parameters() if p.requires_grad}
+
+    assert trainable(vlm_task(vqa, tmp_path)) == {"projector"}
+    full = vlm_task(vqa, tmp_path, **{"task.stage": 2})
+    assert trainable(full) == {"projector", "lm"}
+    lora = vlm_task(vqa, tmp_path, **{"task.stage": 2, "task.lm_tuning": "lora", "task.lora.r": 4})
+    lm_trainable = [n for n, p in lora.lm.named_parameters() if p.requires_grad]
+    assert lm_trainable and all("lora_" in n for n in lm_trainable)
+    assert not any(p.requires_grad for p in lora.vision.parameters())
+
+
+def test_bad_projector_settings_are_clear_errors(vqa, tmp_path):
+    from core.config import ConfigError
+
+    with pytest.raises(ValueError, match="5 image tokens is not reachable"):
+        vlm_task(vqa, tmp_path, **{"model.projector.image_tokens": 5})
+    with pytest.raises(ConfigError, match="pixel_shuffle=3 does not divide"):
+        vlm_task(vqa, tmp_path, **{"model.projector.pixel_shuffle": 3})
+
+
+def test_two_stages_train_evaluate_generate_and_export(vqa, tmp_path):
+    """Stage 1 (projector) -> stage 2 (LoRA, init_from stage 1): the loss falls, eval.json has
+    VQA accuracy and loss, fixed questions are answered during training, and the export loads
+    in transformers and peft with the trained model's outputs."""
+    import transformers as hf
+    from peft import PeftModel
+
+    from core.loop import train
+    from launch.export import consolidated, export
+
+    stage1 = tmp_path / "stage1"
+    train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, stage1, 10, **{"optim.lr": 3e-3})))
+    stage2 = tmp_path / "stage2"
+    over = {
+        "task.stage": 2, "task.lm_tuning": "lora", "task.lora.r": 4, "task.init_from": stage1,
+        "optim.lr": 3e-3, "eval.gen_steps": 5, "eval.gen_samples": 2,
+    }  # fmt: skip
+    result = train(load_config("tiny_vlm_stage2", vlm_overrides(vqa, stage2, 10, **over)))
+    losses = [r["loss"] for r in metrics(stage2) if "loss" in r]
+    assert len(losses) == 10 and losses[-1] < losses[0]
+    rows = [r for r in metrics(stage2) if "packing_efficiency" in r]
+    assert 0.5 < rows[-1]["packing_efficiency"] <= 1.0
+    evaluation = json.loads((stage2 / "eval.json").read_text())
+    assert evaluation["num_questions"] == 32  # both val subsets, whole split
+    assert {"vqa_acc", "vqa_acc/shapes_colour", "vqa_acc/shapes_shape", "loss"} <= evaluation.keys()
+    assert result["vqa_acc"] == evaluation["vqa_acc"]
+    generations = (stage2 / "generations.txt").read_text().splitlines()
+    assert len(generations) == 4 and generations[0].startswith("step 5\t")
+
+    # stage 2 started from stage 1: its (frozen) vision tower is stage 1's
+    s1, s2 = consolidated(stage1)[2], consolidated(stage2)[2]
+    assert torch.equal(
+        s1["vision.encoder.layers.0.mlp.fc1.weight"], s2["vision.encoder.layers.0.mlp.fc1.weight"]
+    )
+    assert not torch.equal(s1["projector.proj.weight"], s2["projector.proj.weight"])
+
+    out = export(stage2, tmp_path / "export")
+    task = consolidated(stage2)[0].eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = task.lm(ids)
+        merged = hf.AutoModelForCausalLM.from_pretrained(out / "lm").eval()
+        torch.testing.assert_close(merged(ids).logits, ours, rtol=1e-4, atol=1e-4)
+        base = hf.AutoModelForCausalLM.from_pretrained(out / "lm_base")
+        adapted = PeftModel.from_pretrained(base, out / "lm_adapter").eval()
+        torch.testing.assert_close(adapted(ids).logits, ours, rtol=1e-4, atol=1e-4)
+    assert (out / "vision" / "config.json").exists() and (out / "projector.safetensors").exists()
+
+
+def test_generate_cli_answers_batched_prompts(vqa, tmp_path):
+    import random
+
+    from core.data.synthetic import render, sample_attributes
+    from core.loop import train
+
+    run = tmp_path / "run"
+    train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, run, 2)))
+    image = tmp_path / "shapes.png"
+    render(sample_attributes(random.Random(0)), 32).save(image)
+    for extra in ([], ["--num-beams", "3"], ["--sample", "--temperature", "0.7", "--top-p", "0.9"]):
+        done = run_cli(["generate", str(run), "--image", str(image), "--prompt", "What colour?",
+                        "--prompt", "What shape?", "--max-new-tokens", "3", *extra],
+                       stdout=subprocess.PIPE, text=True)  # fmt: skip
+        out, _ = done.communicate(timeout=300)
+        assert done.returncode == 0, out
+        assert out.count("->") == 2 and "What shape?" in out
