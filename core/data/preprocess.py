@@ -40,11 +40,7 @@ class ImageTextDecoder:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs an EOS token to end captions with")
         self.image_size = image_size
-        mean = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
-        std = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
-        # (pixel / 255 - mean) / std as one multiply-add
-        self.scale = (1.0 / (255.0 * std)).float()
-        self.shift = (-mean / std).float()
+        self.load_image = ImageLoader(image_size, mean, std, max_pixels, crop=True)
         self.tokenizer = tokenizer
         self.max_text_len = max_text_len
         self.max_pixels = max_pixels
@@ -96,15 +92,45 @@ class ImageTextDecoder:
         data = sample.get(self.image_key)
         if data is None:
             raise BadSample("missing_image")
+        return self.load_image(data)
+
+
+class ImageLoader:
+    """Encoded image bytes -> normalised float32 [3, S, S]; BadSample for unusable images.
+
+    `crop=True` resizes the shorter side to S and centre-crops a square (the contrastive towers'
+    path); `crop=False` resizes the whole image to S x S, as SigLIP's own image processor does
+    (VLMs keep every part of the image). Both resample bicubically. JPEGs are first decoded at
+    the smallest 1/2^k scale that still covers the target size, which is free.
+    """
+
+    def __init__(self, image_size: int, mean, std, max_pixels: int = 64_000_000, crop: bool = True):
+        self.image_size = image_size
+        mean = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
+        # (pixel / 255 - mean) / std as one multiply-add
+        self.scale = (1.0 / (255.0 * std)).float()
+        self.shift = (-mean / std).float()
+        self.max_pixels = max_pixels
+        self.crop = crop
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        size = self.image_size
         try:
             image = Image.open(io.BytesIO(data))  # lazy: reads the header only
             width, height = image.size
             if width * height > self.max_pixels:
                 raise BadSample("too_large")
-            scale = self.image_size / min(width, height)
-            # JPEG can decode at 1/2, 1/4, 1/8 scale for free; draft keeps >= the target size.
-            image.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
-            image = self._resize_crop(image.convert("RGB"))
+            if self.crop:
+                scale = size / min(width, height)
+                # draft keeps the decoded size >= the target size
+                image.draft("RGB", (int(width * scale) + 1, int(height * scale) + 1))
+                image = self._resize_crop(image.convert("RGB"))
+            else:
+                image.draft("RGB", (size, size))
+                image = image.convert("RGB")
+                if image.size != (size, size):
+                    image = image.resize((size, size), Image.Resampling.BICUBIC)
         except BadSample:
             raise
         except Exception:  # PIL raises many types for broken or non-image data

@@ -6,6 +6,10 @@ pure functions of it. Shapes sit one per cell of a 3x3 grid, so they never overl
 caption lists them in reading order, so an image has exactly one caption. About 10^3 single-
 shape and 10^6+ multi-shape captions exist: retrieval is learnable (colour, shape, size and
 position must all be bound) and 512 validation captions are almost all distinct.
+
+`write_finevision_parquet` writes the same scenes as FineVision-format parquet (one directory
+per subset: colour, shape, count and position questions, captions, multi-turn, text-only and
+two-image conversations) plus a tokenizer with Qwen2.5's chat specials, for the staged VLM.
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from core.data.shards import write_sizes, write_tar
-from core.data.tokenizer import train_bpe_tokenizer
+from core.data.tokenizer import train_bpe_tokenizer, train_vlm_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -227,3 +232,174 @@ def _shard_samples(seed: int, split: str, indices: range, image_size: int, texts
             "json": json.dumps(record, separators=(",", ":")).encode(),
         }
         yield f"{index:09d}", fields
+
+
+# ------------------------------------------------------------------ FineVision-format parquet
+VQA_SUBSETS = (
+    "shapes_colour",  # "What colour is the shape at the top left?" -> "red"
+    "shapes_shape",  # "What shape is at the top left?" -> "circle"
+    "shapes_count",  # "How many shapes are there?" -> "two"
+    "shapes_position",  # "Where is the large red circle?" -> "top left"
+    "shapes_caption",  # "Describe the image." -> the caption
+    "shapes_multiturn",  # 2-4 questions about one image
+    "shapes_text",  # no image: the caption is in the question
+    "shapes_two_images",  # "Which image has more shapes?" -> "the first" / "the second"
+)
+# Single-turn subsets ask one of questions()'s questions that starts with this.
+QUESTION_PREFIX = {
+    "shapes_colour": "What colour is the shape at ",
+    "shapes_shape": "What shape is at ",
+    "shapes_count": "How many shapes are there?",
+    "shapes_position": "Where is the ",
+}
+CAPTION_PROMPT = "Describe the image."
+MORE_OR_FEWER = ("more", "fewer")
+ORDINALS = ("the first", "the second")
+# FineVision's quality ratings: a list (one per turn) and its minimum per rating; ours are all 5.
+RATINGS = ("relevance", "image_correspondence", "formatting", "visual_dependency")
+SYNTHETIC_RATING = 5
+
+
+def vqa_row(subset: str, seed: int, split: str, index: int, image_size: int = 64) -> dict:
+    """Row `index` of `subset`'s `split` as FineVision holds it: {"images": [encoded bytes],
+    "texts": [{"user", "assistant"}], "source"}. Independent of every other row."""
+    scenes, texts = vqa_conversation(subset, seed, split, index)
+    # PNG for the two-image subset, so that converted shards hold more than one image format
+    image_format = "PNG" if subset == "shapes_two_images" else "JPEG"
+    encoded = [_encode(render(a, image_size), image_format) for a in scenes]
+    return {"images": encoded, "texts": texts, "source": subset}
+
+
+def vqa_conversation(subset: str, seed: int, split: str, index: int) -> tuple[list, list]:
+    """(attributes of each image, turns) of row `index` of `subset`'s `split`."""
+    rng = random.Random(f"vqa/{seed}/{split}/{subset}/{index}")
+    attributes = sample_attributes(rng)
+    scenes = [attributes]
+    if subset in QUESTION_PREFIX:
+        candidates = _questions_with(attributes, QUESTION_PREFIX[subset])
+        while not candidates:  # "Where is ...?" needs a shape whose description is unique
+            attributes = scenes[0] = sample_attributes(rng)
+            candidates = _questions_with(attributes, QUESTION_PREFIX[subset])
+        pair = rng.choice(candidates)
+        texts = [{"user": pair["question"], "assistant": pair["answer"]}]
+    elif subset == "shapes_caption":
+        texts = [{"user": CAPTION_PROMPT, "assistant": caption(attributes)}]
+    elif subset == "shapes_multiturn":
+        pairs = rng.sample(questions(attributes), rng.randint(2, 4))
+        texts = [{"user": p["question"], "assistant": p["answer"]} for p in pairs]
+    elif subset == "shapes_text":
+        pair = rng.choice(questions(attributes))
+        user = f"The picture shows {caption(attributes)}. {pair['question']}"
+        texts, scenes = [{"user": user, "assistant": pair["answer"]}], []
+    elif subset == "shapes_two_images":
+        other = sample_attributes(rng)
+        while other["count"] == attributes["count"]:  # the answer must be unambiguous
+            other = sample_attributes(rng)
+        scenes.append(other)
+        word = rng.choice(MORE_OR_FEWER)
+        second_has_more = other["count"] > attributes["count"]
+        answer = ORDINALS[int(second_has_more == (word == "more"))]
+        texts = [{"user": f"Which image has {word} shapes?", "assistant": answer}]
+    else:
+        raise ValueError(f"unknown subset {subset!r}; the subsets are {', '.join(VQA_SUBSETS)}")
+    return scenes, texts
+
+
+def _questions_with(attributes: dict, prefix: str) -> list[dict]:
+    return [pair for pair in questions(attributes) if pair["question"].startswith(prefix)]
+
+
+def _encode(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    options = {"quality": JPEG_QUALITY} if image_format == "JPEG" else {}
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def finevision_features():
+    """FineVision's columns as `datasets` declares them (images: a list of Image; texts: a list
+    of {user, assistant}; source; the quality ratings)."""
+    from datasets import Features, Image, List, Value
+
+    features = {
+        "images": List(Image()),
+        "texts": List({"user": Value("string"), "assistant": Value("string")}),
+        "source": Value("string"),
+    }
+    for name in RATINGS:
+        features[f"{name}_ratings"] = List(Value("int64"))
+        features[f"{name}_min"] = Value("int64")
+    return Features(features)
+
+
+def write_finevision_parquet(
+    out_dir: str | Path,
+    n_train: int,
+    n_val: int,
+    seed: int,
+    image_size: int = 64,
+    subsets: tuple[str, ...] | list[str] = VQA_SUBSETS,
+    vocab_size: int = 1024,
+) -> dict[str, int]:
+    """Write `out_dir/<subset>/train-00000.parquet` (n_train rows) and `val-00000.parquet`
+    (n_val rows; none when 0) per subset in FineVision's layout, and a tokenizer with Qwen2.5's
+    chat specials trained on the train texts into `out_dir/tokenizer`.
+    Returns {"<subset>/<file>": rows}."""
+    if n_train < 1:
+        raise ValueError("n_train must be at least 1: the tokenizer is trained on train texts")
+    unknown = [s for s in subsets if s not in VQA_SUBSETS]
+    if unknown:
+        raise ValueError(f"unknown subsets {unknown}; the subsets are {', '.join(VQA_SUBSETS)}")
+    from datasets import Dataset
+
+    out_dir = Path(out_dir)
+    features = finevision_features()
+    written: dict[str, int] = {}
+    train_texts: list[str] = []
+    for subset in subsets:
+        (out_dir / subset).mkdir(parents=True, exist_ok=True)
+        for split, total in (("train", n_train), ("val", n_val)):
+            if total == 0:
+                continue
+            rows = [vqa_row(subset, seed, split, i, image_size) for i in range(total)]
+            if split == "train":
+                train_texts += [t[k] for row in rows for t in row["texts"] for k in t]
+            name = f"{subset}/{split}-00000.parquet"
+            columns = _finevision_columns(rows, features)
+            _write_parquet(Dataset.from_dict(columns, features=features), out_dir / name)
+            written[name] = total
+            log.info("wrote %s (%d rows)", out_dir / name, total)
+    train_vlm_tokenizer(train_texts, out_dir / "tokenizer", vocab_size=vocab_size)
+    return written
+
+
+def _finevision_columns(rows: list[dict], features) -> dict[str, list]:
+    columns = {name: [] for name in features}
+    for row in rows:
+        columns["images"].append([{"bytes": data, "path": None} for data in row["images"]])
+        columns["texts"].append(row["texts"])
+        columns["source"].append(row["source"])
+        for name in RATINGS:
+            columns[f"{name}_ratings"].append([SYNTHETIC_RATING] * len(row["texts"]))
+            columns[f"{name}_min"].append(SYNTHETIC_RATING)
+    return columns
+
+
+def _write_parquet(dataset, path: Path) -> None:
+    """Atomically (temporary name, then rename), without datasets' progress bar."""
+    from datasets.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+
+    tmp = path.with_name(path.name + ".tmp")
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        dataset.to_parquet(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+        tmp.unlink(missing_ok=True)
