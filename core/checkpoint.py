@@ -4,6 +4,11 @@ Every rank writes into `checkpoints/.tmp-step_<N>/`; after a barrier rank 0 writ
 last and renames the directory. A crash at any point leaves at most a `.tmp-` directory, which
 `latest()` never returns and the next save removes. The engine writes model and optimizer in its
 own format; this module adds what every run needs: step, RNG of every rank, data position.
+
+Resuming on another number of ranks, the engine reshards model and optimizer; each per-rank
+entry of the saved state (e.g. the data position) is handed over as the sequence of every saved
+rank's value, read on demand from the shared filesystem, for its owner to rebuild its own part
+from (the data stream reads only the ranks holding the positions it continues).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -101,31 +107,27 @@ class Checkpointer:
         if meta["world_size"] != self.dist.world_size:
             return meta["step"], self._load_resharded(path, meta["world_size"], engine)
         engine.load(path)
-        state = torch.load(path / f"rank_{self.dist.rank:05d}.pt", weights_only=True)
+        state = _load_rank(path, self.dist.rank)
         set_rng_state(state.pop("rng"))
         return meta["step"], state
 
     def _load_resharded(self, path: Path, saved_world: int, engine) -> dict:
         """Another world size: the engine reshards model and optimizer (DCP, DeepSpeed universal
-        checkpoints). Per-rank data positions belong to the old layout; the data continues at
-        the next epoch boundary of the furthest saved slot (no sample of an epoch twice)."""
+        checkpoints, DDP's full replica). Every other per-rank entry comes back as a
+        `SavedRanks` sequence over all saved ranks (the data stream continues from them; RNG
+        states belong to the old ranks and are not restored)."""
         if not getattr(engine, "can_reshard", False):
             raise RuntimeError(
                 f"{path} was written by {saved_world} ranks, this run has "
                 f"{self.dist.world_size}; the {type(engine).__name__} cannot reshard it "
-                "(engine.kind fsdp, zero2 and zero3 can)"
+                "(engine.kind ddp, fsdp, zero2 and zero3 can)"
             )
         getattr(engine, "load_resharded", engine.load)(path)
-        epochs = [
-            slot["epoch"]
-            for rank in range(saved_world)
-            for slot in torch.load(path / f"rank_{rank:05d}.pt", weights_only=True)["data"]["slots"]
-        ]
         log.warning(
-            "%s: written by %d ranks, resumed on %d; data continues at epoch %d",
-            path, saved_world, self.dist.world_size, max(epochs) + 1,
-        )  # fmt: skip
-        return {"data": {"version": 1, "next_epoch": max(epochs) + 1}}
+            "%s: written by %d ranks, resumed on %d", path, saved_world, self.dist.world_size
+        )
+        keys = [key for key in _load_rank(path, 0) if key != "rng"]
+        return {key: SavedRanks(path, saved_world, key) for key in keys}
 
     def resolve_resume(self, resume: str) -> Path | None:
         """`auto`: newest complete checkpoint of the run (rank 0 decides, all agree)."""
@@ -145,6 +147,28 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
         for stale in self.root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
+
+
+class SavedRanks(Sequence):
+    """One entry (e.g. "data") of every rank's saved state, in rank order. Each access reads
+    that rank's file: nothing stays in memory, and only the ranks asked for are read."""
+
+    def __init__(self, path: Path, world_size: int, key: str):
+        self.path, self.world_size, self.key = path, world_size, key
+
+    def __len__(self) -> int:
+        return self.world_size
+
+    def __getitem__(self, rank):
+        if isinstance(rank, slice):
+            return [self[i] for i in range(*rank.indices(len(self)))]
+        if not -len(self) <= rank < len(self):
+            raise IndexError(f"rank {rank} of {len(self)} saved ranks")
+        return _load_rank(self.path, rank % len(self))[self.key]
+
+
+def _load_rank(path: Path, rank: int) -> dict:
+    return torch.load(path / f"rank_{rank:05d}.pt", weights_only=True)
 
 
 def _write_json(path: Path, obj: dict) -> None:

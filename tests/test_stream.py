@@ -5,9 +5,12 @@ from __future__ import annotations
 import functools
 import io
 import itertools
+import json
 import logging
 import random
+import re
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -147,7 +150,7 @@ def test_resume_continues_bit_for_bit(tmp_path, num_workers, world_size):
         for batch in itertools.islice(stream, steps):
             reference.append(batch)
             states.append(stream.state_dict())
-        epochs = [min(s["epoch"] for s in state["slots"]) for state in states]
+        epochs = [min(s["epoch"] for s in state["slots"][str(rank)]) for state in states]
         assert epochs[-1] >= 1, "the test must cross an epoch boundary"
         boundary = next(i for i, epoch in enumerate(epochs) if epoch >= 1)  # a pass completed
         for done in sorted({1, 5, boundary, boundary + 1, boundary + 2} & set(range(1, steps))):
@@ -166,13 +169,14 @@ def test_state_counts_delivered_batches_not_prefetched_ones(tmp_path):
     first = next(batches)
     state = stream.state_dict()
     assert state["batches"] == 1 and state["next_slot"] == 1
-    assert state["slots"][0] == {
+    assert state["logical"] == {"world_size": 1, "batch_size": 4}
+    assert state["slots"]["0"][0] == {
         "epoch": 0,
         "shard": 0,
         "sample": 4,
         "counts": {"seen": 4, "samples": 4},
     }
-    assert state["slots"][1]["counts"]["samples"] == 0  # its prefetched batch is not delivered
+    assert state["slots"]["0"][1]["counts"]["samples"] == 0  # its prefetched batch is not delivered
     assert first["id"].tolist() == [0, 1, 2, 3]  # slot 0 reads shards 0 and 2, slot 1 1 and 3
     assert next(batches)["id"].tolist() == [8, 9, 10, 11]
 
@@ -194,6 +198,237 @@ def test_in_process_reading_leaves_the_callers_rng_alone(tmp_path):
     noise = [batch["noise"] for batch in itertools.islice(id_stream(urls, num_workers=0), 5)]
     assert torch.equal(torch.rand(2), expected_tensor) and random.random() == expected_float
     assert not torch.equal(noise[0], noise[1])  # the stream's own RNG did advance
+
+
+# ------------------------------------------------------------------------- another number of ranks
+GLOBAL_BATCH = 12
+
+
+def resharding_data(directory: Path) -> str:
+    """6 shards of uneven size, every 7th sample blank (skipped), the last shard truncated."""
+    sizes = [19, 17, 23, 18, 21, 16]
+    urls = write_id_shards(directory, sizes, blank=set(range(3, sum(sizes), 7)))
+    last = directory / "ids-0005.tar"
+    last.write_bytes(last.read_bytes()[: 9 * 1024 + 300])
+    return urls
+
+
+def layout(urls: str, world_size: int, num_workers: int, **kwargs) -> list[ShardStream]:
+    batch_size = GLOBAL_BATCH // world_size
+    return [
+        id_stream(urls, rank=rank, world_size=world_size, batch_size=batch_size,
+                  num_workers=num_workers, seed=5, max_bad_fraction=0.5, **kwargs)
+        for rank in range(world_size)
+    ]  # fmt: skip
+
+
+def run(streams: list[ShardStream], steps: int) -> tuple[list[dict], list[list[dict]]]:
+    """`steps` global batches (the ranks' batches concatenated) and every rank's state after
+    each of them."""
+    per_rank, states = [], []
+    for stream in streams:
+        batches = []
+        states.append([])
+        for batch in itertools.islice(stream, steps):
+            batches.append(batch)
+            states[-1].append(stream.state_dict())
+        per_rank.append(batches)
+    merged = [
+        {name: torch.cat([b[name] for b in step]) for name in step[0]} for step in zip(*per_rank)
+    ]
+    return merged, states
+
+
+class Recording(list):
+    """A sequence of saved states that remembers which ranks were read."""
+
+    def __init__(self, states):
+        super().__init__(states)
+        self.read = set()
+
+    def __getitem__(self, index):
+        self.read.add(index)
+        return super().__getitem__(index)
+
+
+def totals(streams: list[ShardStream]) -> Counter:
+    counts = Counter()
+    for stream in streams:
+        counts.update({k: v for k, v in stream.stats().items() if k != "epoch"})
+    return counts
+
+
+def holders(rank: int, world_size: int, logical_world: int, saved_world: int) -> set[int]:
+    """The saved ranks a new rank must read: rank 0 (the layout), and for every logical rank
+    overlapping the new rank's part of the global batch, the saved rank its batch started on."""
+    batch, logical, saved = (GLOBAL_BATCH // n for n in (world_size, logical_world, saved_world))
+    overlapping = range(rank * batch // logical, ((rank + 1) * batch - 1) // logical + 1)
+    return {0} | {index * logical // saved for index in overlapping}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("worlds", [(2, 1, 2), (1, 2, 1), (4, 3, 1, 2)])
+def test_another_number_of_ranks_continues_the_global_batches(tmp_path, num_workers, worlds):
+    """A run started on worlds[0] ranks, resumed on worlds[1] (the global batch kept), then on
+    worlds[2] ...: every rank gets its slice of the very global batches the uninterrupted run
+    delivers (ids and seeded augmentation noise), bad samples included, across epochs."""
+    urls = resharding_data(tmp_path)
+    steps, resumes = 14, [3, 7, 10][: len(worlds) - 1]  # global batches done at each resume
+    uninterrupted = layout(urls, worlds[0], num_workers)
+    reference, states = run(uninterrupted, steps)
+    assert min(s["epoch"] for s in states[0][-1]["slots"]["0"]) >= 1, "cross an epoch"
+    assert sum(uninterrupted[0].stats()[k] for k in ("skipped/empty_text", "bad_shards")) > 0
+    started = 0  # global batches done when the streams `states` come from started
+    for world, start, end in zip(worlds[1:], resumes, [*resumes[1:], steps]):
+        saved = [rank_states[start - started - 1] for rank_states in states]
+        streams = layout(urls, world, num_workers)
+        for rank, stream in enumerate(streams):
+            recording = Recording(saved)
+            stream.load_state_dict(recording)
+            assert recording.read == holders(rank, world, worlds[0], len(saved))
+        batches, states = run(streams, end - start)
+        assert_same_batches(reference[start:end], batches)
+        started = start
+    assert totals(streams) == totals(uninterrupted)  # counts add up over the ranks
+    if worlds[-1] == worlds[0]:  # back on the first layout: the very same states
+        assert [s[-1] for s in states] == [stream.state_dict() for stream in uninterrupted]
+
+
+@pytest.mark.parametrize(("old", "new", "reads"), [(2, 1, 1), (4, 2, 1), (1, 2, 2), (2, 3, 2)])
+def test_samples_decoded_after_a_change_of_ranks(tmp_path, old, new, reads):
+    """Fewer ranks: every sample is decoded once, by the one rank reading its logical rank.
+    More ranks: every rank sharing a logical rank's batch decodes all of it (to agree on
+    which samples are bad) and keeps its share: `reads` times each sample overall."""
+    urls = resharding_data(tmp_path)
+    decoded = []
+
+    def counting(sample: dict) -> dict:
+        decoded.append(sample["__key__"])
+        return decode_id(sample)
+
+    _, states = run(layout(urls, old, 0, decode=counting), 6)
+
+    def seen(step: int) -> int:
+        return sum(
+            slot["counts"]["seen"]
+            for rank_states in states
+            for slots in rank_states[step - 1]["slots"].values()
+            for slot in slots
+        )
+
+    decoded.clear()
+    streams = layout(urls, new, 0, decode=counting)
+    for stream in streams:
+        stream.load_state_dict([rank_states[1] for rank_states in states])
+    run(streams, 4)
+    assert len(decoded) == reads * (seen(6) - seen(2))
+
+
+def test_a_resumed_layout_saves_what_a_later_resume_needs(tmp_path):
+    """The state of a rank emulating other logical ranks records them, loads back on the same
+    layout exactly, and an old (version 1) state still loads, exactly too."""
+    urls = resharding_data(tmp_path)
+    _, states = run(layout(urls, 2, 2), 3)
+    (one,) = layout(urls, 1, 2)
+    one.load_state_dict([rank_states[-1] for rank_states in states])
+    state = one.state_dict()
+    assert state["version"] == 2 and (state["world_size"], state["batch_size"]) == (1, 12)
+    assert state["logical"] == {"world_size": 2, "batch_size": 6}
+    assert sorted(state["slots"]) == ["0", "1"] and state["next_slot"] == 1
+    expected = list(itertools.islice(one, 5))
+    (again,) = layout(urls, 1, 2)
+    again.load_state_dict(json.loads(json.dumps(state)))  # through JSON
+    assert_same_batches(expected, list(itertools.islice(again, 5)))
+
+    # Version 1 (one rank's slots, no logical layout, no shard names): exact on the same
+    # layout and on another number of ranks alike.
+    v1 = [as_version_1(rank_states[-1]) for rank_states in states]
+    ref, _ = run(layout(urls, 2, 2), 4)
+    for rank, stream in enumerate(layout(urls, 2, 2)):
+        stream.load_state_dict(v1[rank])
+        assert_same_batches(
+            [{k: v[6 * rank : 6 * rank + 6] for k, v in b.items()} for b in ref[3:]],
+            list(itertools.islice(stream, 1)),
+        )
+    (from_v1,) = layout(urls, 1, 2)
+    from_v1.load_state_dict(v1)
+    assert_same_batches(expected, list(itertools.islice(from_v1, 5)))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"num_workers": 1}, r"num_workers changed \(2 -> 1\)"),
+        ({"batch_size": 8}, r"global micro-batch changed \(2 x 6 -> 1 x 8\)"),
+        ({"seed": 6}, r"seed changed"),
+        ({"urls": "renamed"}, r"shard list changed \(other shard names\)"),
+        ({"urls": "fewer"}, r"shard list changed \(6 -> 5 shards\)"),
+    ],
+)
+def test_other_changes_restart_at_the_next_epoch_and_say_why(tmp_path, caplog, change, reason):
+    urls = resharding_data(tmp_path)
+    _, states = run(layout(urls, 2, 2), 12)
+    saved = [rank_states[-1] for rank_states in states]
+    furthest = max(
+        s["epoch"] for state in saved for slots in state["slots"].values() for s in slots
+    )
+    kwargs = {"rank": 0, "world_size": 1, "batch_size": 12, "num_workers": 2, "seed": 5,
+              "max_bad_fraction": 0.5, **change}  # fmt: skip
+    if change.get("urls") == "renamed":
+        for path in sorted(tmp_path.glob("ids-*.tar")):
+            path.rename(path.with_name("x" + path.name))
+        kwargs["urls"] = str(tmp_path / "xids-{0000..0005}.tar")
+    elif change.get("urls") == "fewer":
+        kwargs["urls"] = str(tmp_path / "ids-{0000..0004}.tar")
+    stream = id_stream(kwargs.pop("urls", urls), **kwargs)
+    caplog.set_level(logging.WARNING, logger="core.data.stream")
+    stream.load_state_dict(saved)
+    assert re.search(reason + r".*the data continues at epoch " + str(furthest + 1), caplog.text)
+    state = stream.state_dict()
+    assert state["logical"] == {"world_size": 1, "batch_size": kwargs["batch_size"]}
+    assert state["batches"] == 0 and len(state["slots"]["0"]) == max(kwargs["num_workers"], 1)
+    assert all(
+        s == {"epoch": furthest + 1, "shard": 0, "sample": 0, "counts": {"seen": 0, "samples": 0}}
+        for s in state["slots"]["0"]
+    )
+    assert next(iter(stream))["id"].numel() == kwargs["batch_size"]
+
+
+def test_inconsistent_saved_states_are_not_continued(tmp_path, caplog):
+    """Saved states of different steps fall back to the next epoch; a state missing a logical
+    rank it should hold is refused; renamed shards on the same layout only warn."""
+    urls = resharding_data(tmp_path)
+    _, states = run(layout(urls, 2, 2), 4)
+    caplog.set_level(logging.WARNING, logger="core.data.stream")
+    (one,) = layout(urls, 1, 2)
+    one.load_state_dict([states[0][-1], states[1][-2]])  # rank 1's from one step earlier
+    assert "the saved ranks' states disagree; the data continues at epoch 1" in caplog.text
+    one.load_state_dict([states[0][-1], states[1][-1]])
+    state = one.state_dict()
+    with pytest.raises(ValueError, match=r"holds logical ranks \[0\], not \[0, 1\]"):
+        layout(urls, 1, 2)[0].load_state_dict({**state, "slots": {"0": state["slots"]["0"]}})
+    for path in sorted(tmp_path.glob("ids-*.tar")):
+        path.rename(path.with_name("x" + path.name))
+    renamed = id_stream(str(tmp_path / "xids-{0000..0005}.tar"), rank=0, world_size=2,
+                        batch_size=6, num_workers=2, seed=5, max_bad_fraction=0.5)  # fmt: skip
+    renamed.load_state_dict(states[0][-1])
+    assert "shard names changed since the data state was saved" in caplog.text
+    assert renamed.state_dict()["slots"] == states[0][-1]["slots"]
+
+
+def test_unknown_state_versions_are_refused(tmp_path):
+    urls = resharding_data(tmp_path)
+    (stream,) = layout(urls, 1, 0)
+    state = {**stream.state_dict(), "version": 3}
+    for bad in (state, [state, state]):
+        with pytest.raises(ValueError, match="unknown data state version 3"):
+            stream.load_state_dict(bad)
+
+
+def as_version_1(state: dict) -> dict:
+    (slots,) = state["slots"].values()
+    old = {k: v for k, v in state.items() if k not in ("logical", "shards")}
+    return {**old, "version": 1, "slots": slots}
 
 
 # ------------------------------------------------------------------------- bad data

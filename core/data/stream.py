@@ -20,6 +20,26 @@ the batch sequence continues bit for bit. Before each sample is decoded, python/
 torch RNGs are seeded from (seed, epoch, shard, sample), so random augmentations resume
 exactly too (in-process, the caller's RNG states are restored around each batch).
 
+Layouts: resuming on another number of ranks. The slots above belong to the run's *logical*
+layout, fixed when it first starts: R0 ranks x B0 samples per batch, W workers. Global
+micro-batch k is the concatenation, in rank order, of the R0 logical ranks' k-th batches (all
+ranks take one batch per micro-step, so every logical rank is at the same slot, k + rotation
+mod W). A stream on physical rank p of R with batch B, where R x B = R0 x B0, takes samples
+[p B, (p+1) B) of that concatenation: it runs the slot readers of every logical rank
+overlapping that range, and its worker i runs the readers of worker slot i of all of them,
+collating their shares into one batch. Same layout: logical rank p, all of its batch, which is
+exactly the plain stream (one code path; the same reads and positions). Fewer ranks: each
+logical rank is read by exactly one physical rank, whole, so nothing is read twice. More
+ranks: a logical rank's batch is split between physical ranks; each of them decodes every
+sample of it (which samples are bad is only known by decoding them, and decoding is seeded
+per sample, so all of them skip the same ones and agree on which samples form the batch) and
+collates only its share. The state records the logical layout and the positions of the
+logical ranks a rank reads, so a run can change its number of ranks any number of times and
+still deliver the global batch sequence it would have delivered uninterrupted. A resume that
+changes num_workers, the global micro-batch R x B, the shard list, seed or shuffle cannot
+continue the old sequence: it restarts every slot at the epoch after the furthest saved one
+(no sample of that epoch twice) and logs why.
+
 Bad data. `decode` raises BadSample(reason) for unusable samples (truncated tar members
 raise it too): they are skipped and counted per reason. Unreadable shards are logged and
 skipped, truncated ones logged and their intact samples used; both count as bad_shards.
@@ -35,12 +55,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import glob
+import hashlib
 import logging
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -57,7 +79,9 @@ log = logging.getLogger(__name__)
 
 MIN_SEEN_FOR_BAD_CHECK = 100  # one early bad sample must not stop a run
 MAX_EMPTY_PASSES = 10  # a slot may draw only broken shards in an epoch, but not every time
-STATE_VERSION = 1
+# 1: one rank's slots, its layout being the logical one. 2: + the logical layout, positions of
+# every logical rank the rank reads, and a fingerprint of the shard names.
+STATE_VERSION = 2
 POSITION_KEY = "_pos"
 
 
@@ -79,15 +103,34 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return expanded
 
 
+def shard_fingerprint(urls: list[str]) -> str:
+    """The shard list by file name (not directory: moving the data keeps a run's position)."""
+    names = "\n".join(url.rstrip("/").rsplit("/", 1)[-1] for url in urls)
+    return hashlib.sha256(names.encode()).hexdigest()[:16]
+
+
+def shares(rank: int, batch_size: int, logical_batch: int) -> tuple[tuple[int, int, int], ...]:
+    """(logical rank, first, end) for every logical rank whose batch overlaps samples
+    [rank x batch_size, (rank + 1) x batch_size) of the global micro-batch: this rank takes
+    samples [first, end) of that logical rank's batch."""
+    start, stop = rank * batch_size, (rank + 1) * batch_size
+    found = []
+    for logical in range(start // logical_batch, -(-stop // logical_batch)):
+        offset = logical * logical_batch
+        found.append((logical, max(start - offset, 0), min(stop - offset, logical_batch)))
+    return tuple(found)
+
+
 @dataclass(frozen=True)
 class _Plan:
-    """What every slot reads, in which order: the same on every rank and worker."""
+    """What every slot reads, in which order (the same on every rank and worker), and which
+    logical ranks' batches this rank takes a share of. `world_size` and `batch_size` are the
+    logical layout's."""
 
     urls: list[str]
     decode: Callable[[dict], dict]
     collate: Callable[[list[dict]], dict]
     batch_size: int
-    rank: int
     world_size: int
     slots_per_rank: int
     seed: int
@@ -95,6 +138,7 @@ class _Plan:
     epochs: int | None
     drop_last: bool
     max_bad_fraction: float
+    shares: tuple[tuple[int, int, int], ...]
 
     @property
     def total_slots(self) -> int:
@@ -141,37 +185,40 @@ def _caller_rng_kept():
 
 
 class _SlotReader:
-    """Produces one slot's batches from its position onwards, each tagged with the position."""
+    """One logical slot's batches from its position onwards: (this rank's share of the batch's
+    decoded samples, the slot's position after it); the last item is (None, final position)."""
 
-    def __init__(self, plan: _Plan, slot: int, position: dict):
+    def __init__(self, plan: _Plan, share: tuple[int, int, int], slot: int, position: dict):
         self.plan, self.slot, self.pos = plan, slot, position
-        self.global_slot = plan.rank * plan.slots_per_rank + slot
+        self.rank, self.first, self.end = share
+        self.global_slot = self.rank * plan.slots_per_rank + slot
         self.counts = Counter(position["counts"])
+        self.kept: list[dict] = []  # decoded samples of the batch in [first, end)
+        self.filled = 0  # good samples of the batch so far, kept or not
 
-    def batches(self) -> Iterator[dict]:
+    def batches(self) -> Iterator[tuple[list[dict] | None, dict]]:
         plan, pos = self.plan, self.pos
-        buffer: list[dict] = []
         empty_passes = 0
         while plan.epochs is None or pos["epoch"] < plan.epochs:
             seen = self.counts["seen"]
             shard_ids = plan.shard_order(self.global_slot, pos["epoch"])
             while pos["shard"] < len(shard_ids):
-                yield from self._shard_batches(shard_ids[pos["shard"]], buffer)
+                yield from self._shard_batches(shard_ids[pos["shard"]])
                 pos["shard"], pos["sample"] = pos["shard"] + 1, 0
             empty_passes = empty_passes + 1 if self.counts["seen"] == seen else 0
             if plan.epochs is None and empty_passes == MAX_EMPTY_PASSES:
                 # Without this, its worker would spin forever and stall the in-order DataLoader.
                 raise DataError(
-                    f"rank {plan.rank} slot {self.slot} found no samples in {empty_passes} "
+                    f"rank {self.rank} slot {self.slot} found no samples in {empty_passes} "
                     f"passes over its shards (e.g. {plan.urls[shard_ids[0]]}): are they all "
                     "unreadable, or are there fewer samples than ranks x workers?"
                 )
             pos["epoch"], pos["shard"] = pos["epoch"] + 1, 0
-        if buffer and not plan.drop_last:
-            yield self._emit(buffer)
-        yield {POSITION_KEY: self._position()}  # the slot's final position and counts
+        if self.filled and not plan.drop_last:
+            yield self._emit()
+        yield None, self._position()  # the slot's final position and counts
 
-    def _shard_batches(self, shard_id: int, buffer: list[dict]) -> Iterator[dict]:
+    def _shard_batches(self, shard_id: int) -> Iterator[tuple[list[dict], dict]]:
         url, pos = self.plan.urls[shard_id], self.pos
         opening = pos["sample"] == 0  # count a bad shard once, not again when resuming inside it
         try:
@@ -191,11 +238,14 @@ class _SlotReader:
             while pos["sample"] < len(order):
                 index = order[pos["sample"]]
                 pos["sample"] += 1
+                # Every sample is decoded, kept or not: only decoding tells a bad one.
                 sample = self._decode(shard, url, (pos["epoch"], shard_id, index))
                 if sample is not None:
-                    buffer.append(sample)
-                    if len(buffer) == self.plan.batch_size:
-                        yield self._emit(buffer)
+                    if self.first <= self.filled < self.end:
+                        self.kept.append(sample)
+                    self.filled += 1
+                    if self.filled == self.plan.batch_size:
+                        yield self._emit()
         finally:
             shard.close()
 
@@ -221,28 +271,27 @@ class _SlotReader:
                 f"({count} samples)"
             )
 
-    def _emit(self, buffer: list[dict]) -> dict:
-        batch = self.plan.collate(buffer)
-        self.counts["samples"] += len(buffer)
-        buffer.clear()
-        batch[POSITION_KEY] = self._position()
-        return batch
+    def _emit(self) -> tuple[list[dict], dict]:
+        self.counts["samples"] += self.filled  # the logical slot's count, whoever takes them
+        kept, self.kept, self.filled = self.kept, [], 0
+        return kept, self._position()
 
     def _position(self) -> dict:
-        pos = {key: self.pos[key] for key in ("epoch", "shard", "sample")}
-        return {"slot": self.slot, **pos, "counts": dict(self.counts)}
+        position = {key: self.pos[key] for key in ("epoch", "shard", "sample")}
+        return {**position, "counts": dict(self.counts)}
 
 
 class _SlotDataset(IterableDataset):
-    """What each DataLoader worker runs: the slot its worker id maps to under `rotation`."""
+    """What each DataLoader worker runs: worker slot (worker id + rotation) mod W of every
+    logical rank this rank takes a share of, their shares collated into one batch."""
 
-    def __init__(self, plan: _Plan, positions: list[dict], rotation: int):
+    def __init__(self, plan: _Plan, positions: dict[int, list[dict]], rotation: int):
         self.plan, self.positions, self.rotation = plan, positions, rotation
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         slot = ((info.id if info else 0) + self.rotation) % self.plan.slots_per_rank
-        batches = _SlotReader(self.plan, slot, copy.deepcopy(self.positions[slot])).batches()
+        batches = self._batches(slot)
         if info is not None:
             yield from batches
             return
@@ -253,9 +302,42 @@ class _SlotDataset(IterableDataset):
                 return
             yield batch
 
+    def _batches(self, slot: int) -> Iterator[dict]:
+        readers = {
+            share[0]: _SlotReader(
+                self.plan, share, slot, copy.deepcopy(self.positions[share[0]][slot])
+            ).batches()
+            for share in self.plan.shares
+        }
+        while readers:
+            samples, positions = [], {}
+            for rank, items in list(readers.items()):
+                item = next(items, None)
+                if item is None:
+                    del readers[rank]
+                    continue
+                kept, positions[rank] = item
+                samples += kept or []
+            if positions:  # without samples: final positions only (the stream yields nothing)
+                batch = self.plan.collate(samples) if samples else {}
+                batch[POSITION_KEY] = {"slot": slot, "ranks": positions}
+                yield batch
+
 
 def _unchanged(batch: dict) -> dict:
     return batch
+
+
+def _upgraded(state: Mapping) -> dict:
+    """A saved state in the current format (version 1: one rank's slots, logical = physical)."""
+    version = state.get("version")
+    if version == 1 and "slots" in state:
+        logical = {"world_size": state["world_size"], "batch_size": state["batch_size"]}
+        return {**state, "version": 2, "logical": logical,
+                "slots": {str(state["rank"]): state["slots"]}}  # fmt: skip
+    if version != STATE_VERSION:
+        raise ValueError(f"unknown data state version {version}")
+    return dict(state)
 
 
 class ShardStream:
@@ -287,6 +369,8 @@ class ShardStream:
         if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
             raise ValueError(f"bad {batch_size=}, {num_workers=} or {rank=} of {world_size=}")
         self.urls = expand_urls(urls)
+        self._fingerprint = shard_fingerprint(self.urls)
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self._plan = _Plan(
@@ -294,7 +378,6 @@ class ShardStream:
             decode=decode,
             collate=collate,
             batch_size=batch_size,
-            rank=rank,
             world_size=world_size,
             slots_per_rank=max(num_workers, 1),
             seed=seed,
@@ -302,24 +385,50 @@ class ShardStream:
             epochs=epochs,
             drop_last=drop_last,
             max_bad_fraction=max_bad_fraction,
+            shares=shares(rank, batch_size, batch_size),
         )
-        if self._plan.split_samples:
+        self._warn_if_split_samples()
+        self._restart()
+
+    def _warn_if_split_samples(self) -> None:
+        plan = self._plan
+        if plan.split_samples:
             log.warning(
                 "%d shards < %d ranks x %d workers: every slot reads all shards and keeps every "
                 "%d-th sample; give at least %d shards to split by shard",
-                len(self.urls), world_size, max(num_workers, 1), self._plan.total_slots,
-                self._plan.total_slots,
+                len(plan.urls), plan.world_size, plan.slots_per_rank, plan.total_slots,
+                plan.total_slots,
             )  # fmt: skip
-        self._restart()
+
+    def _set_logical(self, world_size: int, batch_size: int) -> None:
+        """Emulate the logical layout world_size x batch_size (this rank's own: the plain one)."""
+        plan = dataclasses.replace(
+            self._plan,
+            world_size=world_size,
+            batch_size=batch_size,
+            shares=shares(self.rank, self.batch_size, batch_size),
+        )
+        warn = plan.split_samples and not self._plan.split_samples
+        self._plan = plan
+        if warn:
+            self._warn_if_split_samples()
 
     def _restart(self) -> None:
-        self._slots = [_initial_position() for _ in range(self._plan.slots_per_rank)]
+        workers = range(self._plan.slots_per_rank)
+        self._slots = {rank: [_initial_position() for _ in workers] for rank, *_ in self._shares}
         self._next_slot = 0
         self._batches = 0
 
+    @property
+    def _shares(self) -> tuple[tuple[int, int, int], ...]:
+        return self._plan.shares
+
+    def _all_slots(self) -> list[dict]:
+        return [slot for slots in self._slots.values() for slot in slots]
+
     def _finished(self) -> bool:
         epochs = self._plan.epochs
-        return epochs is not None and all(s["epoch"] >= epochs for s in self._slots)
+        return epochs is not None and all(s["epoch"] >= epochs for s in self._all_slots())
 
     def __iter__(self) -> Iterator[dict]:
         if self._finished():
@@ -337,10 +446,10 @@ class ShardStream:
         batches = iter(loader)
         try:
             for batch in batches:
-                position = batch.pop(POSITION_KEY)
-                slot = position.pop("slot")
-                self._slots[slot] = position
-                self._next_slot = (slot + 1) % self._plan.slots_per_rank
+                tag = batch.pop(POSITION_KEY)
+                for rank, position in tag["ranks"].items():
+                    self._slots[rank][tag["slot"]] = position
+                self._next_slot = (tag["slot"] + 1) % self._plan.slots_per_rank
                 if batch:  # a slot's final marker carries only its position
                     self._batches += 1
                     yield batch
@@ -369,54 +478,151 @@ class ShardStream:
         return total
 
     def state_dict(self) -> dict:
-        """Position of what was delivered to the loop; JSON-serialisable, one per rank."""
+        """Position of what was delivered to the loop; JSON-serialisable, one per rank.
+
+        Version 2: this rank's layout (`rank`, `world_size`, `batch_size`, `num_workers`) and
+        the data's (`num_shards`, `shards` fingerprint, `seed`, `shuffle`); `logical`, the
+        layout the run started with ({world_size, batch_size}); `slots`, logical rank (a
+        string) -> the positions of its W slots, for every logical rank this rank reads;
+        `next_slot`, the worker slot due next (the same for all); `batches` delivered."""
         return {
             "version": STATE_VERSION,
             **self._layout(),
+            "logical": {"world_size": self._plan.world_size, "batch_size": self._plan.batch_size},
             "batches": self._batches,
             "next_slot": self._next_slot,
-            "slots": copy.deepcopy(self._slots),
+            "slots": {str(rank): copy.deepcopy(slots) for rank, slots in self._slots.items()},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """The next iteration continues exactly after the last batch delivered before `state`."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unknown data state version {state.get('version')}")
-        if "next_epoch" in state:  # positions of another rank layout: start at an epoch boundary
-            self._restart()
-            for slot in self._slots:
-                slot["epoch"] = state["next_epoch"]
-            return
-        mismatched = {k: (state.get(k), v) for k, v in self._layout().items() if state.get(k) != v}
+    def load_state_dict(self, state: Mapping | Sequence[Mapping]) -> None:
+        """The next iteration continues exactly after the last batch delivered before `state`.
+
+        `state`: this rank's `state_dict()` from a run with the same layout (else ValueError),
+        or a sequence of the states of every rank of a run with another number of ranks (read
+        lazily: only the ranks holding the logical ranks this one reads are accessed). From
+        those, the stream continues the same global batch sequence when the global micro-batch
+        and num_workers are unchanged, and otherwise restarts at the next epoch boundary."""
+        if isinstance(state, Mapping):
+            self._load_own(_upgraded(state))
+        else:
+            self._load_from_layout(state)
+
+    def _load_own(self, state: dict) -> None:
+        now = self._layout()
+        mismatched = {
+            k: (state.get(k), v) for k, v in now.items() if k != "shards" and state.get(k) != v
+        }
         if mismatched:
             raise ValueError(f"data state does not fit this stream (saved, now): {mismatched}")
-        self._slots = copy.deepcopy(state["slots"])
+        if state.get("shards", now["shards"]) != now["shards"]:
+            log.warning("the shard names changed since the data state was saved (same count): "
+                        "continuing from the saved positions")  # fmt: skip
+        logical = state["logical"]
+        reads = [rank for rank, *_ in shares(self.rank, self.batch_size, logical["batch_size"])]
+        slots = {int(rank): copy.deepcopy(slots) for rank, slots in state["slots"].items()}
+        if sorted(slots) != reads:
+            raise ValueError(f"data state holds logical ranks {sorted(slots)}, not {reads}")
+        self._set_logical(logical["world_size"], logical["batch_size"])
+        self._slots = slots
         self._next_slot = state["next_slot"]
         self._batches = state["batches"]
 
+    def _load_from_layout(self, saved: Sequence[Mapping]) -> None:
+        first = _upgraded(saved[0])
+        why = self._why_not_continued(first, len(saved))
+        slots = None if why else self._logical_slots(saved, first)
+        if why is None and slots is None:
+            why = "the saved ranks' states disagree"
+        if why is not None:
+            epochs = [slot["epoch"] for state in map(_upgraded, saved)
+                      for slots in state["slots"].values() for slot in slots]  # fmt: skip
+            self._set_logical(self.world_size, self.batch_size)
+            self._restart()
+            for slot in self._all_slots():
+                slot["epoch"] = max(epochs) + 1
+            log.warning(
+                "data state of %d ranks x batch %d resumed on %d x %d: %s; the data continues "
+                "at epoch %d", len(saved), first["batch_size"], self.world_size, self.batch_size,
+                why, max(epochs) + 1,
+            )  # fmt: skip
+            return
+        logical = first["logical"]
+        self._set_logical(logical["world_size"], logical["batch_size"])
+        self._slots = slots
+        self._next_slot = first["next_slot"]
+        self._batches = first["batches"]
+        log.info(
+            "data state of %d ranks x batch %d continued exactly on %d x %d (logical layout "
+            "%d x %d); rank %d reads logical ranks %s", len(saved), first["batch_size"],
+            self.world_size, self.batch_size, logical["world_size"], logical["batch_size"],
+            self.rank, [rank for rank, *_ in self._shares],
+        )  # fmt: skip
+
+    def _logical_slots(self, saved: Sequence[Mapping], first: dict) -> dict | None:
+        """Positions of the logical ranks this rank reads, each from the saved rank its batch
+        started on; None if the states read disagree (they must come from one step)."""
+        logical_batch, saved_batch = first["logical"]["batch_size"], first["batch_size"]
+        slots, read = {}, {0: first}
+        for rank, *_ in shares(self.rank, self.batch_size, logical_batch):
+            holder = rank * logical_batch // saved_batch
+            if holder not in read:
+                read[holder] = _upgraded(saved[holder])
+            slots[rank] = copy.deepcopy(read[holder]["slots"].get(str(rank)))
+        agreed = ("logical", "world_size", "batch_size", "num_workers", "next_slot", "batches")
+        if any(s.get(k) != first[k] for s in read.values() for k in agreed):
+            return None
+        return None if None in slots.values() else slots
+
+    def _why_not_continued(self, saved: dict, saved_ranks: int) -> str | None:
+        """Why the saved global batch sequence cannot be continued on this layout, or None."""
+        now, logical = self._layout(), saved["logical"]
+        if saved["world_size"] != saved_ranks:
+            return f"{saved_ranks} states saved by a run of {saved['world_size']} ranks"
+        if saved["num_workers"] != now["num_workers"]:
+            return (f"num_workers changed ({saved['num_workers']} -> {now['num_workers']}); "
+                    "slots are (rank, worker) pairs")  # fmt: skip
+        if saved["num_shards"] != now["num_shards"]:
+            return f"the shard list changed ({saved['num_shards']} -> {now['num_shards']} shards)"
+        if saved.get("shards", now["shards"]) != now["shards"]:
+            return "the shard list changed (other shard names)"
+        for key in ("seed", "shuffle"):
+            if saved[key] != now[key]:
+                return f"{key} changed ({saved[key]} -> {now[key]})"
+        if logical["world_size"] * logical["batch_size"] != self.world_size * self.batch_size:
+            return (
+                f"the global micro-batch changed ({logical['world_size']} x "
+                f"{logical['batch_size']} -> {self.world_size} x {self.batch_size}); keep ranks x "
+                "data.batch_size to continue it exactly"
+            )
+        return None
+
     def stats(self) -> dict:
         """Delivered so far: samples, skipped/<reason>, bad_shards (broken shards met: once per
-        epoch, or once per slot in the sample-split fallback), epoch (passes every slot of this
-        rank has completed)."""
+        epoch, or once per slot in the sample-split fallback), epoch (passes every slot this
+        rank reads has completed). Counts are those of the logical ranks whose batches start
+        on this rank (its own, in the same layout), so that they add up over ranks."""
         totals = Counter()
-        for slot in self._slots:
-            totals.update(slot["counts"])
+        for rank, first, _ in self._shares:
+            if first == 0:
+                for slot in self._slots[rank]:
+                    totals.update(slot["counts"])
         skipped = {k: totals[k] for k in sorted(totals) if k.startswith("skipped/")}
         return {
             "samples": totals["samples"],
             **skipped,
             "bad_shards": totals["bad_shards"],
-            "epoch": min(slot["epoch"] for slot in self._slots),
+            "epoch": min(slot["epoch"] for slot in self._all_slots()),
         }
 
     def _layout(self) -> dict:
         plan = self._plan
         return {
             "num_shards": len(plan.urls),
-            "rank": plan.rank,
-            "world_size": plan.world_size,
+            "shards": self._fingerprint,
+            "rank": self.rank,
+            "world_size": self.world_size,
             "num_workers": self.num_workers,
-            "batch_size": plan.batch_size,
+            "batch_size": self.batch_size,
             "seed": plan.seed,
             "shuffle": plan.shuffle,
         }
