@@ -65,4 +65,14 @@ def fit_state(
     missing = shapes.keys() - state.keys()
     if missing:
         raise KeyError(f"{source} lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(shapes[k].shape)}"
+        for k in shapes
+        if state[k].numel() != shapes[k].numel()
+    ]
+    if wrong:
+        raise ValueError(
+            f"{source} has another architecture: {len(wrong)} tensors differ in shape "
+            f"(checkpoint vs model), e.g. {'; '.join(wrong[:3])}"
+        )
     return {k: state[k].reshape(shapes[k].shape).float() for k in shapes}

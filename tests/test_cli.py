@@ -12,7 +12,16 @@ def test_console_script_help_lists_working_subcommands():
     out = subprocess.run([vlscale, "--help"], capture_output=True, text=True, check=True).stdout
     for name in SUBCOMMANDS:
         assert name in out
-    assert set(SUBCOMMANDS) == {"train", "shards", "report", "export", "plan", "submit", "status"}
+    assert set(SUBCOMMANDS) == {
+        "train",
+        "shards",
+        "report",
+        "export",
+        "generate",
+        "plan",
+        "submit",
+        "status",
+    }
 
 
 def test_module_entry_point_matches_console_script():

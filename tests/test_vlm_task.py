@@ -9,25 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VQA_SUBSETS as SUBSETS
 from test_train import metrics, run_cli
 
 from core.config import load_config
 from core.data.shards import open_shard
-
-SUBSETS = ["shapes_colour", "shapes_shape", "shapes_text", "shapes_two_images", "shapes_caption"]
-
-
-@pytest.fixture(scope="module")
-def vqa(tmp_path_factory) -> Path:
-    """FineVision-layout shards of the synthetic VQA subsets (+ tokenizer)."""
-    from core.data.finevision import convert_finevision
-    from core.data.synthetic import write_finevision_parquet
-
-    root = tmp_path_factory.mktemp("vqa")
-    write_finevision_parquet(root / "parquet", n_train=96, n_val=16, seed=0, image_size=32,
-                             subsets=SUBSETS)  # fmt: skip
-    convert_finevision(root / "parquet", SUBSETS, root / "shards", val_samples=16, shard_size=32)
-    return root / "shards"
 
 
 def vlm_overrides(vqa: Path, run_dir: Path, steps: int = 10, **extra) -> list[str]:
