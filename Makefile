@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch that CI machines have on disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install lint format test test-fast demo clean
+.PHONY: install lint format test test-fast demo demo-vlm clean
 
 SHAPES := data/shapes
 
@@ -38,6 +38,27 @@ demo: install
 		$(BIN)/vlscale shards synthetic --out $(SHAPES) --train 20000 --val 512 --seed 0
 	$(BIN)/vlscale train tiny_siglip
 	$(BIN)/vlscale report runs/tiny_siglip
+
+# The staged-VLM demo: the tiny_siglip demo's image tower (trained first when absent) exported in
+# Hugging Face layout, synthetic FineVision-format VQA shards, stage 1 then stage 2, a few answers.
+VQA := data/vqa
+VQA_SUBSETS := shapes_colour,shapes_shape,shapes_count,shapes_position,shapes_caption,shapes_multiturn,shapes_text,shapes_two_images
+demo-vlm: install
+	test -f runs/tiny_siglip/eval.json || $(MAKE) demo
+	test -f runs/tiny_siglip_export/vision/config.json || \
+		$(BIN)/vlscale export runs/tiny_siglip runs/tiny_siglip_export
+	test -f $(VQA)/shapes_colour/sizes.json || ( \
+		$(BIN)/vlscale shards synthetic-vqa --out data/vqa_parquet --train 10000 --val 300 && \
+		$(BIN)/vlscale shards finevision --source data/vqa_parquet --subsets $(VQA_SUBSETS) \
+			--out $(VQA) --val-samples 300 --shard-size 500 )
+	$(BIN)/vlscale train tiny_vlm_stage1
+	$(BIN)/vlscale train tiny_vlm_stage2
+	$(BIN)/vlscale report runs/tiny_vlm_stage2
+	$(BIN)/python -c "from core.data.synthetic import render, sample_attributes; import random; \
+		render(sample_attributes(random.Random(7)), 64).save('runs/tiny_vlm_stage2/example.png')"
+	$(BIN)/vlscale generate runs/tiny_vlm_stage2 --image runs/tiny_vlm_stage2/example.png \
+		--prompt "What colour is the shape at the center?" --prompt "How many shapes are there?" \
+		--max-new-tokens 8
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
