@@ -220,6 +220,13 @@ class KVCache:
         self.lengths[layer_idx] = end
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i of every layer's cache becomes a copy of row index[i] (beam search: repeat each
+        prompt once per beam, then follow the beams that survive each step)."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k.index_select(0, index), v.index_select(0, index)
+
 
 @dataclass
 class AttnMask:
@@ -442,7 +449,6 @@ class Decoder(nn.Module):
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
 
-    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor | None,
@@ -452,41 +458,23 @@ class Decoder(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
+        **options,
     ) -> torch.Tensor:
-        """Greedy decoding with a KV cache -> the new tokens [B, <= max_new_tokens].
+        """Decode with a KV cache -> the new tokens [B, <= max_new_tokens]; greedy unless
+        `options` (GenerationConfig fields: do_sample, top_p, num_beams, ...) say otherwise.
 
         Batched prompts are left-padded, real tokens marked by attention_mask [B, T]. With
         prefix_len [B] (counted from the row start, padding included) the prompt's prefix is
-        bidirectional (PaliGemma). A row that emitted an eos token repeats it until every row has
-        finished, which ends decoding.
+        bidirectional (PaliGemma). A row that emitted an eos token repeats it (or pad_token_id)
+        until every row has finished, which ends decoding. See core.models.generation.
         """
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T = x.shape[:2]
-        eos = None
-        if eos_token_id is not None:
-            eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-            eos = torch.tensor(eos_list, device=x.device)
-        done = torch.zeros(B, dtype=torch.bool, device=x.device)
-        cache = KVCache(len(self.layers), T + max_new_tokens)
-        mask_kind = "causal" if prefix_len is None else "prefix"
-        step = {"inputs_embeds": x}
-        tokens = []
-        for _ in range(max_new_tokens):
-            hidden = self(
-                **step, mask_kind=mask_kind, prefix_len=prefix_len,
-                attention_mask=attention_mask, cache=cache, return_hidden=True,
-            )  # fmt: skip
-            next_token = self.lm_head(hidden[:, -1]).argmax(-1)
-            if eos is not None:
-                next_token = torch.where(done, eos[0], next_token)
-                done |= torch.isin(next_token, eos)
-            tokens.append(next_token)
-            if eos is not None and done.all():  # only then: .all() syncs with the GPU
-                break
-            step = {"input_ids": next_token[:, None]}
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], 1)
-        return torch.stack(tokens, dim=1)
+        from .generation import generate
+
+        return generate(
+            self, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            prefix_len=prefix_len, max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id, **options,
+        )  # fmt: skip
 
     # -- Hugging Face checkpoint protocol (see core/models/__init__.py) --
 
