@@ -309,7 +309,7 @@ def test_resume_into_another_world_size(shapes, tmp_path, straight, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+@pytest.mark.parametrize("kind", ENGINES)
 def test_deepspeed_launcher_runs_the_same_recipe_in_bf16(shapes, tmp_path, kind):
     run = tmp_path / "run"
     over = tiny_overrides(shapes, run, 4, **{"engine.kind": kind, "engine.precision": "bf16"})
