@@ -17,10 +17,11 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import Config, ConfigError
 from ..distributed import DistInfo
 from ..optim import build_optimizer, build_scheduler
+from .base import Engine
 from .wrap import prepare
 
 
-class DDPEngine:
+class DDPEngine(Engine):
     def __init__(self, task: torch.nn.Module, cfg: Config, dist: DistInfo, lr: float, total: int):
         self.task = task.to(dist.device)
         self.dist = dist
@@ -39,11 +40,6 @@ class DDPEngine:
         self.optimizer = build_optimizer(task, cfg.optim, lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total)
         self.autocast_dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else None
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
 
     def forward_backward(self, batch: dict, loss_scale: float, sync: bool) -> dict:
         """One micro-step. `sync=False` skips the gradient all-reduce (inner accumulation steps)."""
@@ -64,10 +60,6 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # the schedule follows the step count, skipped or not
         return grad_norm, stepped
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
     def full_model(self):
         """The task with full weights, for evaluation: a replica already is."""
@@ -92,7 +84,7 @@ class DDPEngine:
             directory / "optimizer.pt", map_location=self.dist.device, weights_only=True
         )
         self.optimizer.load_state_dict(opt["optimizer"])
-        self.scheduler.load_state_dict(opt["scheduler"])
+        self.load_scheduler(opt["scheduler"])
 
     can_reshard = True  # a full replica loads into any world size
 

@@ -8,7 +8,6 @@ so rank-0-only evaluation code cannot hang on a collective.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from ..config import Config, ConfigError
 from ..distributed import DistInfo
 from ..optim import build_optimizer, build_scheduler
+from .base import Engine
 from .wrap import (
     EvalCopy,
     all_true,
@@ -39,7 +39,7 @@ from .wrap import (
 )
 
 
-class FSDPEngine:
+class FSDPEngine(Engine):
     def __init__(self, task: torch.nn.Module, cfg: Config, dist: DistInfo, lr: float, total: int):
         e = cfg.engine
         if e.offload == "optimizer":
@@ -78,13 +78,8 @@ class FSDPEngine:
         self.params = [p for p in task.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(task, cfg.optim, lr)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total)
+        # Training casts through the MixedPrecisionPolicy; autocast is for evaluation (the copy).
         self.autocast_dtype = torch.bfloat16 if bf16 else None
-
-    def autocast(self):
-        # Training casts through the MixedPrecisionPolicy; this is for evaluation (the copy).
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
 
     def forward_backward(self, batch: dict, loss_scale: float, sync: bool) -> dict:
         self.task.set_requires_gradient_sync(sync)
@@ -102,14 +97,6 @@ class FSDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm, stepped
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def full_model(self):
-        """The task with full weights on every rank, for evaluation (collective)."""
-        return self.eval_copy(self.consolidated_state_dict())
 
     # ---------------------------------------------------------------- checkpoints
     # DCP: every rank writes its shards; loading reshards to the current world size.
@@ -130,10 +117,7 @@ class FSDPEngine:
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
         )
-        sched = torch.load(directory / "scheduler.pt", weights_only=True)["scheduler"]
-        self.scheduler.load_state_dict(sched)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        self.load_scheduler(torch.load(directory / "scheduler.pt", weights_only=True)["scheduler"])
 
     can_reshard = True  # DCP loads into any world size
 

@@ -14,7 +14,6 @@ schedule advances either way, like the DDP engine's.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -29,6 +28,7 @@ import torch
 from ..config import Config, ConfigError
 from ..distributed import DistInfo
 from ..optim import build_scheduler, param_groups
+from .base import Engine
 from .wrap import (
     EvalCopy,
     all_true,
@@ -164,7 +164,7 @@ class _GatedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     def __init__(self, task: torch.nn.Module, cfg: Config, dist: DistInfo, lr: float, total: int):
         cuda = dist.device.type == "cuda"
         if not cuda:
@@ -192,12 +192,8 @@ class DeepSpeedEngine:
         # The schedule drives the groups DeepSpeed steps (the same dicts, params swapped).
         self.scheduler = build_scheduler(self.base_optimizer, cfg.optim, total)
         self.bf16 = cfg.engine.precision == "bf16"
-
-    def autocast(self):
-        # Training runs DeepSpeed's bf16 weights; this is for evaluation (fp32 copy).
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=torch.bfloat16)
+        # Training runs DeepSpeed's bf16 weights; autocast is for evaluation (the fp32 copy).
+        self.autocast_dtype = torch.bfloat16 if self.bf16 else None
 
     def forward_backward(self, batch: dict, loss_scale: float, sync: bool) -> dict:
         if self.bf16:  # the model's weights are bf16: so are its floating inputs
@@ -220,13 +216,6 @@ class DeepSpeedEngine:
         self.scheduler.step()
         return grad_norm, stepped
 
-    @property
-    def lr(self) -> float:
-        return self.base_optimizer.param_groups[0]["lr"]
-
-    def full_model(self):
-        return self.eval_copy(self.consolidated_state_dict())
-
     # ---------------------------------------------------------------- checkpoints
 
     def save(self, directory: Path) -> None:
@@ -244,9 +233,7 @@ class DeepSpeedEngine:
         )
         if client is None:
             raise RuntimeError(f"{directory}: no DeepSpeed checkpoint under tag {TAG!r}")
-        self.scheduler.load_state_dict(client["scheduler"])
-        for group, lr in zip(self.base_optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        self.load_scheduler(client["scheduler"])
 
     can_reshard = True  # through a universal checkpoint, see `load_resharded`
 
