@@ -93,6 +93,9 @@ class DataConfig:
     max_caption_bytes: int = 4096
     # vlm: `train`/`val` may contain {subset}; mixture {subset: weight} mixes subsets by samples.
     mixture: dict = field(default_factory=dict)
+    # Shards each data worker reads at once, samples shuffled across them: > 1 mixes subsets
+    # stored shard by shard within every batch (streamed shards: that many are held in memory).
+    interleave: int = 1
     max_seq_len: int = 1024  # vlm: a sample's tokens; packed rows have this length
     system_prompt: str = "You are a helpful assistant."
     max_images: int = 8  # vlm: per sample
@@ -383,6 +386,7 @@ def validate(cfg: Config) -> None:
         cfg.run_dir = f"runs/{cfg.name or 'run'}"
     checks = [
         (cfg.data.batch_size > 0, "data.batch_size must be > 0"),
+        (cfg.data.interleave >= 1, "data.interleave must be >= 1"),
         (cfg.optim.accum_steps >= 1, "optim.accum_steps must be >= 1"),
         (cfg.optim.max_steps > 0 or cfg.optim.epochs > 0, "set optim.max_steps or optim.epochs"),
         (0.0 <= cfg.data.max_bad_fraction <= 1.0, "data.max_bad_fraction must be in [0, 1]"),

@@ -135,7 +135,8 @@ def assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
 
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_resume_continues_bit_for_bit(tmp_path, num_workers, world_size):
+@pytest.mark.parametrize("interleave", [1, 3])
+def test_resume_continues_bit_for_bit(tmp_path, num_workers, world_size, interleave):
     urls = write_id_shards(tmp_path, [9, 7, 11, 8, 10], blank={3, 20, 33})
     last = tmp_path / "ids-0004.tar"  # truncated after 6 of its samples: counted once per pass
     last.write_bytes(last.read_bytes()[: 6 * 1024 + 700])
@@ -143,7 +144,7 @@ def test_resume_continues_bit_for_bit(tmp_path, num_workers, world_size):
     for rank in range(world_size):
         make = functools.partial(
             id_stream, urls, rank=rank, world_size=world_size, num_workers=num_workers, seed=3,
-            max_bad_fraction=0.5,
+            max_bad_fraction=0.5, interleave=interleave,
         )  # fmt: skip
         stream = make()
         reference, states = [], []
@@ -160,6 +161,20 @@ def test_resume_continues_bit_for_bit(tmp_path, num_workers, world_size):
             assert resumed.state_dict() == states[-1]  # positions and bad-data counts
         counts = {k: v for k, v in stream.stats().items() if k != "epoch"}
         assert counts["skipped/empty_text"] > 0 and counts["bad_shards"] > 0
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_interleaved_shards_mix_every_batch(tmp_path, shuffle):
+    """Four shards standing for four subsets (ids 0-15, 16-31, ...): read together, every batch
+    mixes them, and an epoch still delivers every sample once."""
+    urls = write_id_shards(tmp_path, [16, 16, 16, 16])
+    stream = id_stream(urls, batch_size=8, num_workers=0, interleave=4, epochs=1, shuffle=shuffle)
+    batches = [batch["id"].tolist() for batch in stream]
+    assert sorted(i for ids in batches for i in ids) == list(range(64))
+    if shuffle:
+        assert all(len({i // 16 for i in ids}) >= 2 for ids in batches), batches
+    plain = id_stream(urls, batch_size=8, num_workers=0, epochs=1, shuffle=shuffle)
+    assert all(len({i // 16 for i in b["id"].tolist()}) == 1 for b in plain)  # one shard each
 
 
 def test_state_counts_delivered_batches_not_prefetched_ones(tmp_path):

@@ -10,15 +10,19 @@ data would stall the in-order DataLoader) for any shard count; local tars are in
 so a slot reads only its own samples' bytes, while streamed shards are read once per slot.
 Each slot runs through its own epochs, so with uneven shards per slot, slots drift apart.
 
-Order and resume. Within a shard, samples are read in a seeded permutation (local tars by
-seeking to indexed offsets; streamed `pipe:`/http/`hf://` shards are buffered in memory).
-A slot's position is therefore just (epoch, shard cursor, sample cursor), plus its bad-data
-counters. Each batch carries its slot's position after it; the stream records it when the
-batch is *delivered* to the loop, together with the slot due next. DataLoader serves its
-workers round-robin, so on resume physical worker i serves slot (i + next slot) mod W and
-the batch sequence continues bit for bit. Before each sample is decoded, python/numpy/
-torch RNGs are seeded from (seed, epoch, shard, sample), so random augmentations resume
-exactly too (in-process, the caller's RNG states are restored around each batch).
+Order and resume. A slot reads its shards in groups of `interleave` consecutive shards of its
+list (1 by default: shard by shard); within a group, samples are read in one seeded
+permutation of all the group's samples (local tars by seeking to indexed offsets; streamed
+`pipe:`/http/`hf://` shards are buffered in memory, `interleave` of them at a time). Reading
+several shards at once is what mixes a batch: with a mixture of subsets stored shard by shard,
+interleave 1 would give batches of one subset each, and a model trained on them learns from
+whichever subset came last. A slot's position is therefore just (epoch, group cursor, sample
+cursor), plus its bad-data counters. Each batch carries its slot's position after it; the
+stream records it when the batch is *delivered* to the loop, together with the slot due next.
+DataLoader serves its workers round-robin, so on resume physical worker i serves slot (i +
+next slot) mod W and the batch sequence continues bit for bit. Before each sample is decoded,
+python/numpy/torch RNGs are seeded from (seed, epoch, shard, sample), so random augmentations
+resume exactly too (in-process, the caller's RNG states are restored around each batch).
 
 Layouts: resuming on another number of ranks. The slots above belong to the run's *logical*
 layout, fixed when it first starts: R0 ranks x B0 samples per batch, W workers. Global
@@ -139,6 +143,7 @@ class _Plan:
     drop_last: bool
     max_bad_fraction: float
     shares: tuple[tuple[int, int, int], ...]
+    interleave: int = 1
 
     @property
     def total_slots(self) -> int:
@@ -152,8 +157,19 @@ class _Plan:
         order = self._permutation(len(self.urls), self.seed, epoch)
         return order if self.split_samples else order[global_slot :: self.total_slots]
 
-    def sample_order(self, global_slot: int, epoch: int, shard_id: int, size: int) -> list[int]:
-        order = self._permutation(size, self.seed, epoch, shard_id)
+    def groups(self, global_slot: int, epoch: int) -> list[list[int]]:
+        """This slot's shards of the epoch, in groups read together."""
+        order, k = self.shard_order(global_slot, epoch), self.interleave
+        return [order[i : i + k] for i in range(0, len(order), k)]
+
+    def sample_order(
+        self, global_slot: int, epoch: int, shard_ids: list[int], sizes: list[int]
+    ) -> list[tuple[int, int]]:
+        """(position in the group, sample index) in reading order. One shard: its seeded
+        permutation, as it always was; a group: one permutation of all its samples."""
+        members = [(j, i) for j, size in enumerate(sizes) for i in range(size)]
+        order = self._permutation(len(members), self.seed, epoch, *shard_ids)
+        order = [members[m] for m in order]
         return order[global_slot :: self.total_slots] if self.split_samples else order
 
     def _permutation(self, size: int, *seed: int) -> list[int]:
@@ -201,16 +217,16 @@ class _SlotReader:
         empty_passes = 0
         while plan.epochs is None or pos["epoch"] < plan.epochs:
             seen = self.counts["seen"]
-            shard_ids = plan.shard_order(self.global_slot, pos["epoch"])
-            while pos["shard"] < len(shard_ids):
-                yield from self._shard_batches(shard_ids[pos["shard"]])
+            groups = plan.groups(self.global_slot, pos["epoch"])
+            while pos["shard"] < len(groups):
+                yield from self._group_batches(groups[pos["shard"]])
                 pos["shard"], pos["sample"] = pos["shard"] + 1, 0
             empty_passes = empty_passes + 1 if self.counts["seen"] == seen else 0
             if plan.epochs is None and empty_passes == MAX_EMPTY_PASSES:
                 # Without this, its worker would spin forever and stall the in-order DataLoader.
                 raise DataError(
                     f"rank {self.rank} slot {self.slot} found no samples in {empty_passes} "
-                    f"passes over its shards (e.g. {plan.urls[shard_ids[0]]}): are they all "
+                    f"passes over its shards (e.g. {plan.urls[groups[0][0]]}): are they all "
                     "unreadable, or are there fewer samples than ranks x workers?"
                 )
             pos["epoch"], pos["shard"] = pos["epoch"] + 1, 0
@@ -218,28 +234,26 @@ class _SlotReader:
             yield self._emit()
         yield None, self._position()  # the slot's final position and counts
 
-    def _shard_batches(self, shard_id: int) -> Iterator[tuple[list[dict], dict]]:
-        url, pos = self.plan.urls[shard_id], self.pos
+    def _group_batches(self, shard_ids: list[int]) -> Iterator[tuple[list[dict], dict]]:
+        pos = self.pos
         opening = pos["sample"] == 0  # count a bad shard once, not again when resuming inside it
+        opened: list[tuple[int, object]] = []
         try:
-            shard = open_shard(url)
-        except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
-            log.error("skipping unreadable shard %s: %s", url, exc)
-            if opening:
-                self.counts["bad_shards"] += 1
-            return
-        try:
-            if shard.truncated and opening:
-                log.warning(
-                    "shard %s is truncated: reading the %d samples before the cut", url, len(shard)
-                )
-                self.counts["bad_shards"] += 1
-            order = self.plan.sample_order(self.global_slot, pos["epoch"], shard_id, len(shard))
+            for shard_id in shard_ids:
+                shard = self._open(shard_id, opening)
+                if shard is not None:
+                    opened.append((shard_id, shard))
+            sizes = [len(shard) for _, shard in opened]
+            ids = [shard_id for shard_id, _ in opened]
+            order = self.plan.sample_order(self.global_slot, pos["epoch"], ids, sizes)
             while pos["sample"] < len(order):
-                index = order[pos["sample"]]
+                member, index = order[pos["sample"]]
                 pos["sample"] += 1
+                shard_id, shard = opened[member]
                 # Every sample is decoded, kept or not: only decoding tells a bad one.
-                sample = self._decode(shard, url, (pos["epoch"], shard_id, index))
+                sample = self._decode(
+                    shard, self.plan.urls[shard_id], (pos["epoch"], shard_id, index)
+                )
                 if sample is not None:
                     if self.first <= self.filled < self.end:
                         self.kept.append(sample)
@@ -247,7 +261,25 @@ class _SlotReader:
                     if self.filled == self.plan.batch_size:
                         yield self._emit()
         finally:
-            shard.close()
+            for _, shard in opened:
+                shard.close()
+
+    def _open(self, shard_id: int, opening: bool):
+        """The shard, or None when it cannot be read (logged; counted once per pass)."""
+        url = self.plan.urls[shard_id]
+        try:
+            shard = open_shard(url)
+        except (OSError, EOFError, tarfile.TarError, ValueError) as exc:
+            log.error("skipping unreadable shard %s: %s", url, exc)
+            if opening:
+                self.counts["bad_shards"] += 1
+            return None
+        if shard.truncated and opening:
+            log.warning(
+                "shard %s is truncated: reading the %d samples before the cut", url, len(shard)
+            )
+            self.counts["bad_shards"] += 1
+        return shard
 
     def _decode(self, shard, url: str, where: tuple[int, int, int]) -> dict | None:
         self.counts["seen"] += 1
@@ -333,11 +365,11 @@ def _upgraded(state: Mapping) -> dict:
     version = state.get("version")
     if version == 1 and "slots" in state:
         logical = {"world_size": state["world_size"], "batch_size": state["batch_size"]}
-        return {**state, "version": 2, "logical": logical,
+        return {"interleave": 1, **state, "version": 2, "logical": logical,
                 "slots": {str(state["rank"]): state["slots"]}}  # fmt: skip
     if version != STATE_VERSION:
         raise ValueError(f"unknown data state version {version}")
-    return dict(state)
+    return {"interleave": 1, **state}  # saved before shards were interleaved
 
 
 class ShardStream:
@@ -365,8 +397,9 @@ class ShardStream:
         drop_last: bool = True,
         max_bad_fraction: float = 0.01,
         pin_memory: bool = False,
+        interleave: int = 1,
     ):
-        if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
+        if batch_size < 1 or num_workers < 0 or interleave < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad {batch_size=}, {num_workers=} or {rank=} of {world_size=}")
         self.urls = expand_urls(urls)
         self._fingerprint = shard_fingerprint(self.urls)
@@ -386,6 +419,7 @@ class ShardStream:
             drop_last=drop_last,
             max_bad_fraction=max_bad_fraction,
             shares=shares(rank, batch_size, batch_size),
+            interleave=interleave,
         )
         self._warn_if_split_samples()
         self._restart()
@@ -585,7 +619,7 @@ class ShardStream:
             return f"the shard list changed ({saved['num_shards']} -> {now['num_shards']} shards)"
         if saved.get("shards", now["shards"]) != now["shards"]:
             return "the shard list changed (other shard names)"
-        for key in ("seed", "shuffle"):
+        for key in ("seed", "shuffle", "interleave"):
             if saved[key] != now[key]:
                 return f"{key} changed ({saved[key]} -> {now[key]})"
         if logical["world_size"] * logical["batch_size"] != self.world_size * self.batch_size:
@@ -625,4 +659,5 @@ class ShardStream:
             "batch_size": self.batch_size,
             "seed": plan.seed,
             "shuffle": plan.shuffle,
+            "interleave": plan.interleave,
         }

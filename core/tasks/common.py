@@ -72,4 +72,5 @@ def make_stream(
         drop_last=train,
         max_bad_fraction=cfg.data.max_bad_fraction,
         pin_memory=dist.device.type == "cuda",
+        interleave=cfg.data.interleave if train else 1,
     )
