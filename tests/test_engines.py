@@ -286,7 +286,8 @@ def test_sigkill_and_restart_is_bitwise_exact(shapes, tmp_path, straight, kind):
 @pytest.mark.parametrize("kind", ENGINES[1:])
 def test_resume_into_another_world_size(shapes, tmp_path, straight, kind):
     """2 ranks -> 1 rank -> 2 ranks, the global batch kept (batch 16 x 2 = 32 x 1): model,
-    optimizer and schedule carry over (DCP resharding; DeepSpeed universal checkpoints)."""
+    optimizer and schedule carry over (DCP resharding; DeepSpeed universal checkpoints), and so
+    does the data position: the loss continues the uninterrupted curve."""
     run = tmp_path / "run"
     kill_after(train_cli(shapes, run, **{"engine.kind": kind}), run, 7)
     one = train_cli(shapes, run, nproc=1, **{"engine.kind": kind, "data.batch_size": 32})
@@ -300,8 +301,8 @@ def test_resume_into_another_world_size(shapes, tmp_path, straight, kind):
     # very weights the uninterrupted run had (it had the same step-5 checkpoint).
     assert [rows[s]["lr"] for s in range(1, STEPS + 1)] == [ref[s]["lr"] for s in ref]
     assert [rows[s]["loss"] for s in range(1, 6)] == [ref[s]["loss"] for s in range(1, 6)]
-    assert all(math.isfinite(rows[s]["loss"]) for s in rows)
-    assert sum(rows[s]["loss"] for s in range(16, 21)) < sum(rows[s]["loss"] for s in range(1, 6))
+    worst = max(abs(rows[s]["loss"] - ref[s]["loss"]) / abs(ref[s]["loss"]) for s in ref)
+    assert worst <= 1e-4, worst
     assert (run / "eval.json").exists()
 
 

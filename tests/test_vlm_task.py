@@ -185,3 +185,36 @@ def test_generate_cli_answers_batched_prompts(vqa, tmp_path):
         out, _ = done.communicate(timeout=300)
         assert done.returncode == 0, out
         assert out.count("->") == 2 and "What shape?" in out
+
+
+def test_accumulated_micro_batches_weigh_every_token_equally(vqa, tmp_path):
+    """Two micro-batches with different numbers of supervised tokens, accumulated by the loop's
+    train_step, give the gradient of the token mean over both: the same as one batch of all."""
+    from core.distributed import DistInfo
+    from core.loop import train_step
+
+    class Engine:  # the engine protocol, on one process
+        def __init__(self, task):
+            self.task = task
+
+        def forward_backward(self, batch, loss_scale, sync):
+            out = self.task(batch)
+            (out["loss"] * loss_scale).backward()
+            return out
+
+        def step(self, loss_is_finite):
+            return 0.0, True
+
+    task = vlm_task(vqa, tmp_path, **{"task.stage": 2})
+    short = decoded(task, vqa, "shapes_colour", 6)
+    long = decoded(task, vqa, "shapes_caption", 2)
+    collate = task.packed_collate()
+    dist = DistInfo(0, 1, 0, torch.device("cpu"))
+    result = train_step(Engine(task), iter([collate(short), collate(long)]), 2, dist)
+    accumulated = [p.grad.clone() for p in task.parameters() if p.requires_grad]
+    task.zero_grad()
+    whole = task(collate(short + long))
+    whole["loss"].backward()
+    for a, b in zip(accumulated, [p.grad for p in task.parameters() if p.requires_grad]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert abs(result.loss - whole["loss"].item()) < 1e-5
