@@ -24,7 +24,8 @@ def mixed_overrides(vqa: Path, run_dir: Path, kind: str, **extra) -> list[str]:
     train = f"{vqa}/shapes_text/train-000000.tar::{vqa}/shapes_colour/train-000000.tar"
     over = {
         "data.train": train, "data.mixture": "{}", "data.shuffle": "false",
-        "task.stage": 2, "task.lm_tuning": "lora", "task.lora.r": 4, "task.lora.dropout": 0.0, "task.init_from": "",
+        "task.stage": 2, "task.lm_tuning": "lora", "task.lora.r": 4, "task.lora.dropout": 0.0,
+        "task.init_from": "",
         "engine.kind": kind, "engine.precision": "fp32", "optim.lr": 3e-3,
         "checkpoint.every": 2, "eval.every": 0, **extra,
     }  # fmt: skip
