@@ -15,7 +15,7 @@ from test_vlm_task import vlm_overrides
 from core.checkpoint import list_checkpoints
 
 ENGINES = ["ddp", "zero2", "zero3", "fsdp"]
-STEPS = 8
+STEPS = 6
 
 
 def mixed_overrides(vqa: Path, run_dir: Path, kind: str, **extra) -> list[str]:
@@ -63,12 +63,12 @@ def test_lora_stage_two_agrees_across_engines_with_text_only_ranks(straight):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("kind", ["fsdp"])  # sharded adapters: the hardest case
 def test_killed_lora_run_resumes_exactly(vqa, tmp_path, straight, kind):
     from launch.export import consolidated
 
     run = tmp_path / "killed"
-    kill_after(train_mixed(vqa, run, kind), run, 5)
+    kill_after(train_mixed(vqa, run, kind), run, 3)
     assert list_checkpoints(run / "checkpoints")[-1][0] < STEPS
     assert train_mixed(vqa, run, kind).wait(timeout=600) == 0
     resumed = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}

@@ -130,15 +130,15 @@ def test_two_stages_train_evaluate_generate_and_export(vqa, tmp_path):
     from launch.export import consolidated, export
 
     stage1 = tmp_path / "stage1"
-    train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, stage1, 10, **{"optim.lr": 3e-3})))
+    train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, stage1, 6, **{"optim.lr": 3e-3})))
     stage2 = tmp_path / "stage2"
     over = {
         "task.stage": 2, "task.lm_tuning": "lora", "task.lora.r": 4, "task.init_from": stage1,
-        "optim.lr": 3e-3, "eval.gen_steps": 5, "eval.gen_samples": 2,
+        "optim.lr": 3e-3, "eval.gen_steps": 4, "eval.gen_samples": 2,
     }  # fmt: skip
-    result = train(load_config("tiny_vlm_stage2", vlm_overrides(vqa, stage2, 10, **over)))
+    result = train(load_config("tiny_vlm_stage2", vlm_overrides(vqa, stage2, 8, **over)))
     losses = [r["loss"] for r in metrics(stage2) if "loss" in r]
-    assert len(losses) == 10 and losses[-1] < losses[0]
+    assert len(losses) == 8 and losses[-1] < losses[0]
     rows = [r for r in metrics(stage2) if "packing_efficiency" in r]
     assert 0.5 < rows[-1]["packing_efficiency"] <= 1.0
     evaluation = json.loads((stage2 / "eval.json").read_text())
@@ -146,7 +146,7 @@ def test_two_stages_train_evaluate_generate_and_export(vqa, tmp_path):
     assert {"vqa_acc", "vqa_acc/shapes_colour", "vqa_acc/shapes_shape", "loss"} <= evaluation.keys()
     assert result["vqa_acc"] == evaluation["vqa_acc"]
     generations = (stage2 / "generations.txt").read_text().splitlines()
-    assert len(generations) == 4 and generations[0].startswith("step 5\t")
+    assert len(generations) == 4 and generations[0].startswith("step 4\t")
 
     # stage 2 started from stage 1: its (frozen) vision tower is stage 1's
     s1, s2 = consolidated(stage1)[2], consolidated(stage2)[2]
