@@ -27,7 +27,7 @@ format: install
 	$(BIN)/ruff format .
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=25
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"
