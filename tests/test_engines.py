@@ -306,7 +306,8 @@ def test_resume_into_another_world_size(shapes, tmp_path, straight, kind):
     # Known gap: after DeepSpeed loads a ZeRO-3 universal checkpoint into another world size,
     # the first optimizer step already differs (5e-5 relative at step 7, up to 6e-3 later);
     # zero2 and fsdp continue within 1e-7. The optimizer state after the ZeRO-3 universal load
-    # is the suspect (not yet found).
+    # is the suspect (DeepSpeed's ZeRO-3 universal conversion has open reports of this kind:
+    # deepspeedai/DeepSpeed#6691).
     tolerance = 2e-2 if kind == "zero3" else 1e-4
     assert max(diffs.values()) <= tolerance, sorted(diffs.items())
     assert (run / "eval.json").exists()
