@@ -66,7 +66,7 @@ from core.distributed import init_distributed
 from core.engines import build_engine
 from core.loop import seed_everything, train_step
 from core.tasks import build_task
-from core.tasks.vlm import VLMTask, pad_id
+from core.tasks.vlm import VLMTask
 
 SPECIALS = [*QWEN_SPECIAL_TOKENS, "<unk>"]
 CHAT_WORDS = ["system", "user", "assistant", "\n", *DEFAULT_SYSTEM_PROMPT.split()]
@@ -381,7 +381,7 @@ def main() -> None:
     root = Path(tmp.name)
 
     torch.manual_seed(args.seed)
-    tokenizer = write_tokenizer(root / "tokenizer", args.vocab)
+    write_tokenizer(root / "tokenizer", args.vocab)
     write_hf_towers(root, args)
     seed_everything(args.seed)
     ours, cfg = build_ours(root, args)
@@ -395,7 +395,7 @@ def main() -> None:
     samples = [ours.train_decoder(raw) for raw in raws]
     chunks = [samples[i * B : (i + 1) * B] for i in range(total)]
     pack = ours.packed_collate()  # first-fit-decreasing into rows of data.max_seq_len
-    pad = PadToLongest(pad_id(tokenizer))
+    pad = PadToLongest(ours.tokenizer.pad_token_id)  # the id the task packs with
 
     # Same weights, same function: the loss of the first batch on both sides.
     with torch.no_grad():

@@ -35,18 +35,14 @@ def val_mixture(cfg: Config) -> dict | None:
 
 def answer_stream(task, cfg: Config, dist, *, limit_per_rank: int = 0):
     """(key, source, prediction, reference) for the val split (this rank's share)."""
-    from .data.packing import PromptCollate
     from .loop import to_device
     from .tasks.common import make_stream
-    from .tasks.vlm import pad_id, token_id
 
-    collate = PromptCollate(pad_id(task.tokenizer), task.image_token_id, task.tokens_per_image)
     batch_size = min(cfg.eval.batch_size, limit_per_rank) if limit_per_rank else 0
     stream = make_stream(
-        cfg, dist, cfg.data.val, task.eval_decoder, train=False, collate=collate,
+        cfg, dist, cfg.data.val, task.eval_decoder, train=False, collate=task.prompt_collate(),
         mixture=val_mixture(cfg), batch_size=batch_size,
     )  # fmt: skip
-    stop = token_id(task.tokenizer, "<|im_end|>")
     done = 0
     for batch in stream:
         device_batch = to_device(batch, dist.device)
@@ -54,10 +50,10 @@ def answer_stream(task, cfg: Config, dist, *, limit_per_rank: int = 0):
             device_batch["input_ids"], device_batch["attention_mask"],
             device_batch["pixel_values"], cfg.eval.max_new_tokens,
         )  # fmt: skip
+        predictions = decode_answers(task.tokenizer, tokens.cpu(), task.end_of_turn_id)
         for key, source, prediction, reference in zip(
-            batch["key"], batch["source"], decode_answers(task.tokenizer, tokens.cpu(), stop),
-            batch["answer"], strict=True,
-        ):  # fmt: skip
+            batch["key"], batch["source"], predictions, batch["answer"], strict=True
+        ):
             yield key, source, prediction, reference
             done += 1
             if limit_per_rank and done >= limit_per_rank:

@@ -43,9 +43,7 @@ def requests(args) -> list[tuple[str, list[Path]]]:
 
 
 def answer(task, items: list[tuple[str, list[Path]]], device, **options) -> list[str]:
-    from core.data.packing import PromptCollate
     from core.evaluate_vlm import decode_answers
-    from core.tasks.vlm import pad_id, token_id
 
     samples = []
     for prompt, images in items:
@@ -56,12 +54,11 @@ def answer(task, items: list[tuple[str, list[Path]]], device, **options) -> list
             "prompt_ids": torch.tensor(ids),
             "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 3, size, size),
         })  # fmt: skip
-    collate = PromptCollate(pad_id(task.tokenizer), task.image_token_id, task.tokens_per_image)
-    batch = {k: v.to(device) for k, v in collate(samples).items()}
+    batch = {k: v.to(device) for k, v in task.prompt_collate()(samples).items()}
     tokens = task.answer(
         batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **options
     )
-    return decode_answers(task.tokenizer, tokens.cpu(), token_id(task.tokenizer, "<|im_end|>"))
+    return decode_answers(task.tokenizer, tokens.cpu(), task.end_of_turn_id)
 
 
 def main(args) -> int:

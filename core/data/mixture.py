@@ -10,10 +10,8 @@ expectation over a pass, and the stream's exact resume holds unchanged (the list
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from urllib.parse import urlparse
 
-from .shards import read_sizes
+from .shards import listed_samples
 from .stream import expand_urls
 
 log = logging.getLogger(__name__)
@@ -23,17 +21,8 @@ MAX_REPEAT = 1000  # beyond this the weights are approximated by capping the rep
 
 def subset_samples(urls: list[str]) -> int:
     """Samples in these shards from sizes.json beside them; the shard count when unknown."""
-    total, cache = 0, {}
-    for url in urls:
-        parsed = urlparse(url)
-        if parsed.scheme not in ("", "file"):
-            return len(urls)
-        path = Path(parsed.path if parsed.scheme else url)
-        sizes = cache.setdefault(path.parent, read_sizes(path.parent))
-        if path.name not in sizes:
-            return len(urls)
-        total += sizes[path.name]
-    return total
+    listed = listed_samples(urls)
+    return len(urls) if listed is None else listed
 
 
 def mixture_urls(pattern: str, mixture: dict[str, float | None]) -> list[str]:

@@ -76,6 +76,23 @@ def read_sizes(directory: str | Path) -> dict[str, int]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def listed_samples(urls: list[str]) -> int | None:
+    """Samples in these shards from the sizes.json beside them; None when a shard is remote or
+    not listed."""
+    total, sizes = 0, {}
+    for url in urls:
+        parsed = urlparse(url)
+        if parsed.scheme not in ("", "file"):
+            return None
+        path = Path(parsed.path if parsed.scheme else url)
+        if path.parent not in sizes:
+            sizes[path.parent] = read_sizes(path.parent)
+        if path.name not in sizes[path.parent]:
+            return None
+        total += sizes[path.parent][path.name]
+    return total
+
+
 def split_name(name: str) -> tuple[str, str] | None:
     """(key, lower-case extension) of a member name, or None when it has no extension."""
     match = _KEY_EXT.match(name)

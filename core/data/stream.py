@@ -68,7 +68,6 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
@@ -77,7 +76,7 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from core.data.errors import BadSample, DataError
-from core.data.shards import open_shard, read_sizes
+from core.data.shards import listed_samples, open_shard
 
 log = logging.getLogger(__name__)
 
@@ -498,18 +497,7 @@ class ShardStream:
     def num_samples(self) -> int | None:
         """Samples in one pass over all ranks' shards, from the sizes.json beside them; None
         when a shard is remote or not listed."""
-        total, sizes = 0, {}
-        for url in self.urls:
-            parsed = urlparse(url)
-            if parsed.scheme not in ("", "file"):
-                return None
-            path = Path(parsed.path if parsed.scheme else url)
-            if path.parent not in sizes:
-                sizes[path.parent] = read_sizes(path.parent)
-            if path.name not in sizes[path.parent]:
-                return None
-            total += sizes[path.parent][path.name]
-        return total
+        return listed_samples(self.urls)
 
     def state_dict(self) -> dict:
         """Position of what was delivered to the loop; JSON-serialisable, one per rank.

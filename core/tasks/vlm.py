@@ -28,8 +28,6 @@ from .common import build_tokenizer, load_tower
 
 log = logging.getLogger(__name__)
 
-IMAGE_PAD, VISION_START, VISION_END = "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"
-
 
 class VLMTask(nn.Module):
     def __init__(self, cfg: Config):
@@ -37,8 +35,7 @@ class VLMTask(nn.Module):
         t, m = cfg.task, cfg.model
         if t.stage not in (1, 2):
             raise ConfigError(f"task.stage={t.stage}: the vlm task has stages 1 and 2")
-        self.tokenizer = build_tokenizer(cfg)
-        self.image_token_id = token_id(self.tokenizer, IMAGE_PAD)
+        self.tokenizer = build_tokenizer(cfg)  # its pad token is set (EOS when it has none)
         self.vision = load_tower(m.vision, m.vision_config, m.image_size)
         text_config = {"vocab_size": len(self.tokenizer), **m.text_config}
         self.lm = load_tower(m.text, text_config if not m.text else {})
@@ -52,6 +49,9 @@ class VLMTask(nn.Module):
                 f"{self.vision.patch_size})"
             )
         self.tokens_per_image = (grid // factor) ** 2
+        self.processor = chat_processor(self.tokenizer, self.tokens_per_image, cfg.data)
+        self.image_token_id = self.processor.image_pad_id
+        self.end_of_turn_id = self.processor.im_end
         self.projector = Projector(self.vision.hidden_size, self.lm.hidden_size, factor, p.kind)
         self.cfg = cfg
         if t.init_from and not _on_meta(self):
@@ -133,8 +133,8 @@ class VLMTask(nn.Module):
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             max_new_tokens=max_new_tokens,
-            eos_token_id=token_id(self.tokenizer, "<|im_end|>"),
-            pad_token_id=pad_id(self.tokenizer),
+            eos_token_id=self.end_of_turn_id,
+            pad_token_id=self.tokenizer.pad_token_id,
             **options,
         )
 
@@ -164,12 +164,9 @@ class VLMTask(nn.Module):
 
     # ------------------------------------------------------------------ data and evaluation
     def sample_decoders(self, cfg: Config):
-        from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder
+        from ..data.chat import VLMEvalDecoder, VLMTrainDecoder
 
         d = cfg.data
-        self.processor = ChatProcessor(
-            self.tokenizer, self.tokens_per_image, system_prompt=d.system_prompt or None
-        )
         common = dict(
             image_size=self.vision.image_size,
             mean=self.vision.image_mean,
@@ -186,9 +183,17 @@ class VLMTask(nn.Module):
 
         return PackedCollate(
             self.cfg.data.max_seq_len,
-            pad_id(self.tokenizer),
+            self.tokenizer.pad_token_id,
             self.image_token_id,
             self.tokens_per_image,
+        )
+
+    def prompt_collate(self):
+        """Left-padded prompts for generation (evaluation, `vlscale generate`)."""
+        from ..data.packing import PromptCollate
+
+        return PromptCollate(
+            self.tokenizer.pad_token_id, self.image_token_id, self.tokens_per_image
         )
 
     def train_stream(self, cfg: Config, dist):
@@ -210,15 +215,14 @@ class VLMTask(nn.Module):
         return generation_samples(self, cfg, dist)
 
 
-def token_id(tokenizer, token: str) -> int:
-    ids = tokenizer.convert_tokens_to_ids([token])
-    if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
-        raise ConfigError(f"the tokenizer has no {token!r} token (a VLM prompt needs it)")
-    return ids[0]
+def chat_processor(tokenizer, tokens_per_image: int, data):
+    """The ChatML processor; a tokenizer without Qwen's chat and vision tokens is a config error."""
+    from ..data.chat import ChatProcessor
 
-
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        return ChatProcessor(tokenizer, tokens_per_image, data.system_prompt or None)
+    except ValueError as err:
+        raise ConfigError(f"model.tokenizer: {err}") from None
 
 
 def _on_meta(module: nn.Module) -> bool:
