@@ -168,23 +168,50 @@ def test_two_stages_train_evaluate_generate_and_export(vqa, tmp_path):
     assert (out / "vision" / "config.json").exists() and (out / "projector.safetensors").exists()
 
 
-def test_generate_cli_answers_batched_prompts(vqa, tmp_path):
-    import random
+def test_generate_cli_answers_as_the_training_time_evaluation(vqa, tmp_path):
+    """`vlscale generate` (a task rebuilt from the checkpoint) gives the training loop's own
+    answers to the same validation questions, batched; beams and sampling run too."""
+    import ast
 
-    from core.data.synthetic import render, sample_attributes
+    from core.data.synthetic import vqa_conversation, vqa_row
     from core.loop import train
+    from core.tasks import build_task
+    from launch.export import consolidated
+    from launch.generate import answer
 
     run = tmp_path / "run"
-    train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, run, 2)))
-    image = tmp_path / "shapes.png"
-    render(sample_attributes(random.Random(0)), 32).save(image)
+    train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, run, 2, **{
+        "eval.gen_steps": 2, "eval.gen_samples": 4, "eval.max_new_tokens": 5,
+    })))  # fmt: skip
+    logged = {}  # key -> the answer logged at step 2
+    for line in (run / "generations.txt").read_text().splitlines():
+        _, key, prediction, _ = line.split("\t")
+        logged[key] = ast.literal_eval(prediction)
+    items = []
+    for key in logged:  # <subset>-val-<row>: the row the val shard was converted from
+        subset, _, row = key.rpartition("-val-")
+        image = tmp_path / f"{key}.jpg"
+        image.write_bytes(vqa_row(subset, 0, "val", int(row), 32)["images"][0])
+        items.append((vqa_conversation(subset, 0, "val", int(row))[1][0]["user"], [image]))
+    task, cfg, _ = consolidated(run)  # built on the meta device, then filled
+    with torch.no_grad():
+        answers = answer(task.eval(), items, torch.device("cpu"), max_new_tokens=5)
+    assert answers == list(logged.values())
+    # A random LM answers alike whatever it sees; the pixels must match too.
+    data = items[0][1][0].read_bytes()
+    assert torch.equal(
+        task.eval_decoder.load_image(data), build_task(cfg).eval_decoder.load_image(data)
+    )
+
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps({"prompt": p, "images": [str(i) for i in images]}) + "\n"
+                             for p, images in items))  # fmt: skip
     for extra in ([], ["--num-beams", "3"], ["--sample", "--temperature", "0.7", "--top-p", "0.9"]):
-        done = run_cli(["generate", str(run), "--image", str(image), "--prompt", "What colour?",
-                        "--prompt", "What shape?", "--max-new-tokens", "3", *extra],
-                       stdout=subprocess.PIPE, text=True)  # fmt: skip
+        done = run_cli(["generate", str(run), "--batch", str(batch), "--max-new-tokens", "5",
+                        *extra], stdout=subprocess.PIPE, text=True)  # fmt: skip
         out, _ = done.communicate(timeout=300)
         assert done.returncode == 0, out
-        assert out.count("->") == 2 and "What shape?" in out
+        assert out.count("-> ") == len(items)
 
 
 def test_accumulated_micro_batches_weigh_every_token_equally(vqa, tmp_path):

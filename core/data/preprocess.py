@@ -106,8 +106,11 @@ class ImageLoader:
 
     def __init__(self, image_size: int, mean, std, max_pixels: int = 64_000_000, crop: bool = True):
         self.image_size = image_size
-        mean = torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)
-        std = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
+        # On the host explicitly: a task built under `torch.device("meta")` (export, generate)
+        # would otherwise get meta constants, and an in-place op with a meta operand is a
+        # silent no-op on a CPU tensor (the pixels would stay unnormalised).
+        mean = torch.tensor(mean, dtype=torch.float64, device="cpu").view(3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float64, device="cpu").view(3, 1, 1)
         # (pixel / 255 - mean) / std as one multiply-add
         self.scale = (1.0 / (255.0 * std)).float()
         self.shift = (-mean / std).float()
