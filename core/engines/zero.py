@@ -227,12 +227,17 @@ class DeepSpeedEngine(Engine):
         )
 
     def load(self, directory: Path, universal: bool = False) -> None:
+        hyper = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.base_optimizer.param_groups
+        ]
         self.model._config.load_universal_checkpoint = universal
         _, client = self.model.load_checkpoint(
             str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if client is None:
             raise RuntimeError(f"{directory}: no DeepSpeed checkpoint under tag {TAG!r}")
+        if universal:
+            repair_universal_load(self.base_optimizer, hyper)
         self.load_scheduler(client["scheduler"])
 
     can_reshard = True  # through a universal checkpoint, see `load_resharded`
@@ -266,6 +271,19 @@ class DeepSpeedEngine(Engine):
             t = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
             local = local and bool(torch.isfinite(t).all())
         return all_true(local, self.dist.device)
+
+
+def repair_universal_load(optimizer: torch.optim.Optimizer, hyper: list[dict]) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19): it gives every param group
+    the hyperparameters of the saved group 0 (the no-decay group would be decayed), and every
+    group's state the very same `step` tensor, which AdamW then advances in place once per group
+    per step (a wrong bias correction: the loss drifted by up to 6e-3). `hyper` is the groups'
+    own hyperparameters (from the run config) without "params"; the lr is the schedule's."""
+    for group, own in zip(optimizer.param_groups, hyper, strict=True):
+        group.update(own)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def to_universal(directory: Path, out: Path, stage: int) -> None:
