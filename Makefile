@@ -57,7 +57,7 @@ demo-vlm: install
 	$(BIN)/python -c "from core.data.synthetic import render, sample_attributes; import random; \
 		render(sample_attributes(random.Random(7)), 64).save('runs/tiny_vlm_stage2/example.png')"
 	$(BIN)/vlscale generate runs/tiny_vlm_stage2 --image runs/tiny_vlm_stage2/example.png \
-		--prompt "What colour is the shape at the center?" --prompt "How many shapes are there?" \
+		--prompt "What colour is the shape at the top right?" --prompt "How many shapes are there?" \
 		--max-new-tokens 8
 
 clean:

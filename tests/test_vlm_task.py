@@ -39,6 +39,7 @@ def vlm_overrides(vqa: Path, run_dir: Path, steps: int = 10, **extra) -> list[st
         "model.text_config.num_key_value_heads": 1,
         "model.tokenizer": str(vqa / "tokenizer"),
         "model.projector.image_tokens": 4,
+        "task.train_vision": "false",  # as SiQ-VL (the tiny demo's stage 2 trains it)
         "data.train": str(vqa / "{subset}" / "train-*.tar"),
         "data.val": str(vqa / "{subset}" / "val-*.tar"),
         "data.mixture": json.dumps({s: 1 for s in SUBSETS}),
@@ -104,6 +105,8 @@ def test_stages_train_the_right_parameters(vqa, tmp_path):
     assert trainable(vlm_task(vqa, tmp_path)) == {"projector"}
     full = vlm_task(vqa, tmp_path, **{"task.stage": 2})
     assert trainable(full) == {"projector", "lm"}
+    tower_too = vlm_task(vqa, tmp_path, **{"task.stage": 2, "task.train_vision": "true"})
+    assert trainable(tower_too) == {"vision", "projector", "lm"}
     lora = vlm_task(vqa, tmp_path, **{"task.stage": 2, "task.lm_tuning": "lora", "task.lora.r": 4})
     lm_trainable = [n for n, p in lora.lm.named_parameters() if p.requires_grad]
     assert lm_trainable and all("lora_" in n for n in lm_trainable)
