@@ -27,7 +27,7 @@ from test_train import (
 from core.checkpoint import list_checkpoints
 from core.config import ConfigError, load_config
 from core.engines.wrap import apply_activation_checkpointing, apply_compile, tower_blocks
-from core.engines.zero import build_ds_config, repair_universal_load
+from core.engines.zero import build_ds_config, group_hyperparameters, repair_universal_load
 
 ENGINES = ["ddp", "zero2", "zero3", "fsdp"]
 STEPS = 20
@@ -313,7 +313,7 @@ def test_repair_universal_load_unshares_step_and_restores_group_hyperparameters(
     params = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))]
     groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:]}]
     opt = torch.optim.AdamW(groups, weight_decay=0.0, foreach=True)
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+    hyper = group_hyperparameters(opt)
     step = torch.tensor(5.0)  # what DeepSpeed's ZeRO-3 universal load leaves behind
     for p in params:
         opt.state[p].update(step=step, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))

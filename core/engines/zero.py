@@ -227,9 +227,7 @@ class DeepSpeedEngine(Engine):
         )
 
     def load(self, directory: Path, universal: bool = False) -> None:
-        hyper = [
-            {k: v for k, v in g.items() if k != "params"} for g in self.base_optimizer.param_groups
-        ]
+        hyper = group_hyperparameters(self.base_optimizer) if universal else []
         self.model._config.load_universal_checkpoint = universal
         _, client = self.model.load_checkpoint(
             str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -273,12 +271,17 @@ class DeepSpeedEngine(Engine):
         return all_true(local, self.dist.device)
 
 
+def group_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings (everything but its params), as the run config made them."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
 def repair_universal_load(optimizer: torch.optim.Optimizer, hyper: list[dict]) -> None:
     """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19): it gives every param group
     the hyperparameters of the saved group 0 (the no-decay group would be decayed), and every
     group's state the very same `step` tensor, which AdamW then advances in place once per group
-    per step (a wrong bias correction: the loss drifted by up to 6e-3). `hyper` is the groups'
-    own hyperparameters (from the run config) without "params"; the lr is the schedule's."""
+    per step (a wrong bias correction: the loss drifted by up to 6e-3). `hyper`: the groups'
+    `group_hyperparameters` from before the load; the lr is the schedule's."""
     for group, own in zip(optimizer.param_groups, hyper, strict=True):
         group.update(own)
     for state in optimizer.state.values():
