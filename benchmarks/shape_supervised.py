@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from core.data.preprocess import ImageLoader
-from core.data.synthetic import POSITIONS, SHAPES, SIZES, render, sample_attributes
+from core.data.synthetic import JPEG_QUALITY, POSITIONS, SHAPES, SIZES, render, sample_attributes
 from core.models import from_pretrained, hub, model_class
 
 CLASSES = 1 + len(SHAPES)  # 0: empty cell
@@ -34,7 +34,7 @@ def scenes(rng: random.Random, n: int, load: ImageLoader, image_size: int):
     for _ in range(n):
         attributes = sample_attributes(rng)
         buffer = io.BytesIO()
-        render(attributes, image_size).save(buffer, format="JPEG", quality=95)
+        render(attributes, image_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         images.append(load(buffer.getvalue()))
         kind, size = [0] * len(POSITIONS), [-1] * len(POSITIONS)
         for shape in attributes["shapes"]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from core.data.preprocess import ImageLoader
-from core.data.synthetic import COLOURS, POSITIONS, SHAPES, render, sample_attributes
+from core.data.synthetic import COLOURS, JPEG_QUALITY, POSITIONS, SHAPES, render, sample_attributes
 from core.models import from_pretrained
 
 
@@ -31,7 +31,7 @@ def one_shape_images(tower, n: int, seed: int = 0):
             continue
         (item,) = attributes["shapes"]
         buffer = io.BytesIO()
-        render(attributes, tower.image_size).save(buffer, format="JPEG", quality=95)
+        render(attributes, tower.image_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         images.append(load(buffer.getvalue()))
         shape.append(SHAPES.index(item["shape"]))
         colour.append(list(COLOURS).index(item["colour"]))
