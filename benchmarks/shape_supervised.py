@@ -10,8 +10,9 @@ the tower (loaded, or built from its config with --scratch and a new geometry) p
 head on all its patch features is trained on fresh multi-shape scenes to name the kind of shape
 in each of the 9 grid cells (or "empty"), batch 64, AdamW, 50 warm-up steps. Every 50 steps it
 prints the accuracy on the occupied cells of 512 held-out scenes, overall and by shape size;
-at the end, which kind each true kind was taken for. `--save DIR` writes the trained tower in
-Hugging Face layout, e.g. to give the staged VLM a tower that has been taught shape.
+at the end, which kind each true kind was taken for. `--colour` also names each cell's colour
+(and prints its accuracy). `--save DIR` writes the trained tower in Hugging Face layout, e.g. to
+give the staged VLM a tower that has been taught shape.
 """
 
 from __future__ import annotations
