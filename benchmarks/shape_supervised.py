@@ -18,7 +18,6 @@ give the staged VLM a tower that has been taught shape.
 from __future__ import annotations
 
 import argparse
-import io
 import random
 import time
 
@@ -28,10 +27,10 @@ import torch.nn.functional as F
 from core.data.preprocess import ImageLoader
 from core.data.synthetic import (
     COLOURS,
-    JPEG_QUALITY,
     POSITIONS,
     SHAPES,
     SIZES,
+    encode,
     render,
     sample_attributes,
 )
@@ -47,9 +46,7 @@ def scenes(rng: random.Random, n: int, load: ImageLoader, image_size: int):
     images, kinds, colours, sizes = [], [], [], []
     for _ in range(n):
         attributes = sample_attributes(rng)
-        buffer = io.BytesIO()
-        render(attributes, image_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        images.append(load(buffer.getvalue()))
+        images.append(load(encode(render(attributes, image_size))))
         kind, colour, size = [0] * len(POSITIONS), [0] * len(POSITIONS), [-1] * len(POSITIONS)
         for shape in attributes["shapes"]:
             cell = POSITIONS.index(shape["position"])

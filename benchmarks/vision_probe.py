@@ -11,14 +11,13 @@ prints accuracy on held-out images (500; 100 for the position).
 from __future__ import annotations
 
 import argparse
-import io
 import random
 
 import torch
 import torch.nn.functional as F
 
 from core.data.preprocess import ImageLoader
-from core.data.synthetic import COLOURS, JPEG_QUALITY, POSITIONS, SHAPES, render, sample_attributes
+from core.data.synthetic import COLOURS, POSITIONS, SHAPES, encode, render, sample_attributes
 from core.models import from_pretrained
 
 
@@ -31,9 +30,7 @@ def one_shape_images(tower, n: int, seed: int = 0):
         if len(attributes["shapes"]) != 1:
             continue
         (item,) = attributes["shapes"]
-        buffer = io.BytesIO()
-        render(attributes, tower.image_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
-        images.append(load(buffer.getvalue()))
+        images.append(load(encode(render(attributes, tower.image_size))))
         shape.append(SHAPES.index(item["shape"]))
         colour.append(list(COLOURS).index(item["colour"]))
         row, col = divmod(POSITIONS.index(item["position"]), 3)

@@ -85,6 +85,14 @@ def render(attributes: dict, image_size: int = 64) -> Image.Image:
     return image
 
 
+def encode(image: Image.Image, image_format: str = "JPEG") -> bytes:
+    """The image's file bytes as the shards store them (JPEG at JPEG_QUALITY by default)."""
+    buffer = io.BytesIO()
+    options = {"quality": JPEG_QUALITY} if image_format == "JPEG" else {}
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, colour):
     fill = COLOURS[colour]
     if kind == "circle":
@@ -170,8 +178,6 @@ def preference_pair(attributes: dict) -> dict:
 def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> tuple[bytes, dict]:
     """(JPEG bytes, record) of sample `index` of `split`; independent of every other sample."""
     attributes = sample_attributes(random.Random(f"shapes/{seed}/{split}/{index}"))
-    buffer = io.BytesIO()
-    render(attributes, image_size).save(buffer, format="JPEG", quality=JPEG_QUALITY)
     record = {
         **attributes,
         "caption": caption(attributes),
@@ -179,7 +185,7 @@ def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> tupl
         "cot": chain_of_thought(attributes),
         "preference": preference_pair(attributes),
     }
-    return buffer.getvalue(), record
+    return encode(render(attributes, image_size)), record
 
 
 def record_texts(record: dict) -> list[str]:
@@ -266,7 +272,7 @@ def vqa_row(subset: str, seed: int, split: str, index: int, image_size: int = 64
     scenes, texts = vqa_conversation(subset, seed, split, index)
     # PNG for the two-image subset, so that converted shards hold more than one image format
     image_format = "PNG" if subset == "shapes_two_images" else "JPEG"
-    encoded = [_encode(render(a, image_size), image_format) for a in scenes]
+    encoded = [encode(render(a, image_size), image_format) for a in scenes]
     return {"images": encoded, "texts": texts, "source": subset}
 
 
@@ -307,13 +313,6 @@ def vqa_conversation(subset: str, seed: int, split: str, index: int) -> tuple[li
 
 def _questions_with(attributes: dict, prefix: str) -> list[dict]:
     return [pair for pair in questions(attributes) if pair["question"].startswith(prefix)]
-
-
-def _encode(image: Image.Image, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    options = {"quality": JPEG_QUALITY} if image_format == "JPEG" else {}
-    image.save(buffer, format=image_format, **options)
-    return buffer.getvalue()
 
 
 def finevision_features():
