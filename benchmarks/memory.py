@@ -32,8 +32,6 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ENGINES = ["ddp", "zero2", "zero3", "fsdp"]
-
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     t = getattr(t, "ds_tensor", t)  # ZeRO-3: this rank's partition
@@ -75,10 +73,10 @@ def model_state_bytes(engine) -> dict[str, int]:
 
 
 def measure_engine(kind: str, overrides: list[str]) -> dict:
-    from core.config import load_config
     from core.distributed import init_distributed
     from core.engines import build_engine
     from core.loop import seed_everything, train_step
+    from core.recipe import load_config
     from core.tasks import build_task
 
     cfg = load_config("tiny_siglip", [*overrides, f"engine.kind={kind}"])
@@ -132,8 +130,8 @@ def activation_bytes(task: torch.nn.Module, batch: dict, repeats: int = 3) -> in
 
 def measure_activations(overrides: list[str], batch_size: int) -> dict[str, int]:
     """Activation memory of the tiny_siglip model, per AC mode (one process, no engine)."""
-    from core.config import load_config
     from core.engines.wrap import apply_activation_checkpointing
+    from core.recipe import load_config
     from core.tasks import build_task
 
     cfg = load_config("tiny_siglip", overrides)
@@ -154,8 +152,10 @@ def measure_activations(overrides: list[str], batch_size: int) -> dict[str, int]
 
 
 def main() -> None:
+    from core.engines import ENGINES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--engines", default=",".join(ENGINES), help="registered engine kinds")
     parser.add_argument("--activations", action="store_true", help="measure AC instead")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="", help="append JSON lines here (rank 0)")

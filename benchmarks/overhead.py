@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from core.config import load_config
 from core.data.synthetic import write_synthetic_shards
 from core.distributed import init_distributed
 from core.engines import build_engine
 from core.loop import seed_everything, train_step
 from core.optim import build_optimizer
+from core.recipe import load_config
 from core.tasks import build_task
 
 

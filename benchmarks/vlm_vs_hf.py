@@ -59,12 +59,12 @@ from PIL import Image
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from core.config import config_from_dict
 from core.data.packing import IGNORE
 from core.data.tokenizer import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, QWEN_SPECIAL_TOKENS
 from core.distributed import init_distributed
 from core.engines import build_engine
 from core.loop import seed_everything, train_step
+from core.recipe import config_from_dict
 from core.tasks import build_task
 from core.tasks.vlm import VLMTask
 

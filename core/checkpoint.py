@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .distributed import DistInfo, barrier, broadcast_object
+from .engines import ENGINES
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -117,10 +118,11 @@ class Checkpointer:
         `SavedRanks` sequence over all saved ranks (the data stream continues from them; RNG
         states belong to the old ranks and are not restored)."""
         if not getattr(engine, "can_reshard", False):
+            can = ", ".join(k for k, cls in ENGINES.items() if getattr(cls, "can_reshard", False))
             raise RuntimeError(
                 f"{path} was written by {saved_world} ranks, this run has "
                 f"{self.dist.world_size}; the {type(engine).__name__} cannot reshard it "
-                "(engine.kind ddp, fsdp, zero2 and zero3 can)"
+                f"(engine.kind {can} can)"
             )
         getattr(engine, "load_resharded", engine.load)(path)
         log.warning(

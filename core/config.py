@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,21 +25,19 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be turned into a valid Config."""
 
 
-@dataclass
-class ProjectorConfig:
-    """VLM: vision tokens -> LM embeddings. Pixel shuffle folds r x r neighbouring patches into one
-    token (r^2 times the channels), then a linear map (optionally LayerNorm first, or a 2-layer
-    MLP). pixel_shuffle=0 picks r for `image_tokens` tokens per image."""
+class UnknownKeyError(ConfigError):
+    """A key no section of this config has; `section` is its dotted parent ("" at the top)."""
 
-    kind: Literal["linear", "layernorm", "mlp"] = "linear"
-    pixel_shuffle: int = 0
-    image_tokens: int = 0  # with pixel_shuffle=0; 0 = r=1 (no shuffle)
+    def __init__(self, message: str, section: str, key: str):
+        super().__init__(message)
+        self.section, self.key = section, key
 
 
 @dataclass
 class ModelConfig:
     """The towers. Each is a Hugging Face checkpoint (hub id or local directory) loaded with its
-    weights, or, when the path is empty, built with random weights from an HF-style config dict."""
+    weights, or, when the path is empty, built with random weights from an HF-style config dict.
+    What a task builds from them (heads, projectors) is configured in its `task:` section."""
 
     vision: str = ""
     vision_config: dict = field(default_factory=dict)
@@ -48,57 +45,37 @@ class ModelConfig:
     text_config: dict = field(default_factory=dict)
     tokenizer: str = ""  # defaults to `text`
     image_size: int = 0  # 0 = the vision checkpoint's own size; else interpolate positions
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-
-
-@dataclass
-class LoraConfig:
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.05
-    targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                 "down_proj"]
-    )  # fmt: skip
 
 
 @dataclass
 class TaskConfig:
-    kind: Literal["siglip", "vlm"] = "siglip"
-    # vlm: stage 1 trains the projector only; stage 2 also the LM (lm_tuning full | lora).
-    stage: int = 1
-    lm_tuning: Literal["full", "lora"] = "full"
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    train_vision: bool = False
-    init_from: str = ""  # vlm: a previous stage's run directory (its newest checkpoint)
-    embed_dim: int = 768
-    pooling: Literal["mean", "cls", "map", "last"] = "mean"  # image tower pooling
-    text_pooling: Literal["mean", "last"] = "mean"
-    text_attention: Literal["causal", "bidirectional"] = "causal"
-    init_logit_scale: float = math.log(10.0)
-    init_logit_bias: float = -10.0
-    loss_chunk_size: int = 0  # 0 = whole local block at once
+    """The `task:` section every task kind extends (core/tasks/base.py): `kind` selects the task
+    and with it the classes of the `task:` and `data:` sections, so a key of another kind is an
+    error. Which parameters train is one mechanism, parameter-name patterns (fnmatch globs on
+    names such as `vision.blocks.0.attn.qkv.weight`): `trainable` replaces the task's default
+    for its stage, then `freeze` is taken away from it."""
+
+    kind: str = "siglip"
+    trainable: list[str] = field(default_factory=list)  # empty: the task's default
+    freeze: list[str] = field(default_factory=list)  # e.g. [vision.*]: no grads, no optim state
 
 
 @dataclass
 class DataConfig:
+    """What every task reads. A task kind adds its own fields in a subclass (core/tasks/*.py)."""
+
     train: str = ""  # shard URLs: paths, brace patterns, pipe:/hf:// URLs
     val: str = ""
     batch_size: int = 32  # per rank, per micro-step
     num_workers: int = 2
-    max_text_len: int = 77
     shuffle: bool = True
     max_bad_fraction: float = 0.01
     max_pixels: int = 50_000_000
-    max_caption_bytes: int = 4096
-    # vlm: `train`/`val` may contain {subset}; mixture {subset: weight} mixes subsets by samples.
+    # `train`/`val` may contain {subset}; mixture {subset: weight} mixes subsets by samples.
     mixture: dict = field(default_factory=dict)
     # Shards each data worker reads at once, samples shuffled across them: > 1 mixes subsets
     # stored shard by shard within every batch (streamed shards: that many are held in memory).
     interleave: int = 1
-    max_seq_len: int = 1024  # vlm: a sample's tokens; packed rows have this length
-    system_prompt: str = "You are a helpful assistant."
-    max_images: int = 8  # vlm: per sample
 
 
 @dataclass
@@ -121,7 +98,7 @@ class OptimConfig:
 class EngineConfig:
     """Parallelism and memory strategy; see core/engines/ and `vlscale plan`."""
 
-    kind: Literal["ddp", "zero2", "zero3", "fsdp"] = "ddp"
+    kind: str = "ddp"  # a name in core.engines.ENGINES
     precision: Literal["fp32", "bf16"] = "bf16"
     # DeepSpeed: optimizer (zero2/zero3) or optimizer+params (zero3) on CPU. FSDP2: only
     # optimizer+params (CPUOffloadPolicy moves parameters, gradients and optimizer state).
@@ -130,7 +107,6 @@ class EngineConfig:
     activation_checkpointing: Literal["none", "full", "every_k"] = "none"
     ac_every_k: int = 2  # every_k: checkpoint blocks 0, k, 2k, ... of each tower
     compile: bool = False  # torch.compile each transformer block
-    freeze: list[str] = field(default_factory=list)  # submodules to freeze, e.g. [vision]
     ds_config: str = ""  # a DeepSpeed JSON of your own, checked against this config
 
 
@@ -156,13 +132,13 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
+    """Evaluators are declared, big_vision style: `evaluators` is a list of names, or of
+    `{name: {option: value}}`, from core/evaluators/ (each checks its own options). Every
+    evaluator runs every `every` steps (its own `every` option overrides) and at the end."""
+
     every: int = 0  # steps; 0 = only at the end
     batch_size: int = 64
-    zeroshot: bool = True
-    subsets: list[str] = field(default_factory=list)  # vlm: val subsets (default: the mixture)
-    max_new_tokens: int = 16  # vlm: answer length for VQA
-    gen_steps: int = 0  # vlm: every N steps answer `gen_samples` fixed questions and log them
-    gen_samples: int = 8
+    evaluators: list = field(default_factory=list)
 
 
 @dataclass
@@ -177,6 +153,9 @@ class Config:
     run_dir: str = ""  # default runs/<name>
     resume: str = "auto"  # auto | none | path to a checkpoint directory
     seed: int = 0
+    # Modules (`pkg.mod`) or files (`my_task.py`, relative to the recipe) to import before the
+    # rest is read: where a task kind or evaluator of your own registers itself.
+    imports: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -210,7 +189,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
-        return _build(tp, value, key)
+        return build_section(tp, value, key)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad
@@ -227,6 +206,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is list:  # free-form (e.g. eval.evaluators, checked by its own registry)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return list(value)
     if tp is dict:
         if not isinstance(value, dict):
             raise bad
@@ -260,33 +243,38 @@ def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
     close = difflib.get_close_matches(key, names, n=1)
     hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
     where = prefix.rstrip(".") or "the top level"
-    return ConfigError(
-        f"unknown key '{prefix}{key}' in {where}; valid keys: {', '.join(names)}{hint}"
+    return UnknownKeyError(
+        f"unknown key '{prefix}{key}' in {where}; valid keys: {', '.join(names)}{hint}",
+        prefix.rstrip("."),
+        key,
     )
 
 
-def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+def build_section(cls: type, values: dict, prefix: str = "", sections: dict | None = None) -> Any:
+    """`values` as a `cls`; `sections` replaces the classes of some fields (a task kind's)."""
+    hints = {**typing.get_type_hints(cls), **(sections or {})}
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in names:
             raise _unknown_key(cls, key, f"{prefix}." if prefix else "")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    for key, section_cls in (sections or {}).items():
+        kwargs.setdefault(key, section_cls())  # an absent section: the kind's defaults
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and value:
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def set_path(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
@@ -297,15 +285,16 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _check_override_key(dotted: str) -> None:
-    """Name the valid keys even for overrides of dict-typed fields' parents."""
+def check_key(dotted: str, sections: dict | None = None) -> None:
+    """A dotted key (an override's) names a field: else an error naming the valid keys."""
     cls: Any = Config
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         names = {f.name: f for f in dataclasses.fields(cls)}
         if part not in names:
             raise _unknown_key(cls, part, "".join(p + "." for p in parts[:i]))
-        tp = typing.get_type_hints(cls)[part]
+        tp = (sections or {}).get(part) if i == 0 and sections else None
+        tp = tp or typing.get_type_hints(cls)[part]
         if not dataclasses.is_dataclass(tp):
             return  # a leaf (or a free-form dict such as model.text_config)
         cls = tp
@@ -323,7 +312,7 @@ def resolve_recipe(recipe: str | Path) -> Path:
     raise ConfigError(f"no recipe {str(recipe)!r}: not a file, and not one of {', '.join(known)}")
 
 
-def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def load_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise ConfigError(
@@ -340,42 +329,28 @@ def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         base_path = path.parent / base_path
     else:
         base_path = resolve_recipe(base)
-    inherited = _load_tree(base_path, seen + (path,))
+    inherited = load_tree(base_path, seen + (path,))
     inherited.pop("name", None)  # a run is named after its own recipe, not its base
-    return _deep_merge(inherited, tree)
+    return deep_merge(inherited, tree)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
+    """`key.sub=value` -> (key, value); YAML gives the natural types: 3e-4 -> float, true ->
+    bool, [1, 2] -> list, {a: 1} -> dict."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     key, raw = item.split("=", 1)
-    key = key.strip()
-    _check_override_key(key)
-    # YAML gives the natural types: 3e-4 -> float, true -> bool, [1, 2] -> list, {a: 1} -> dict.
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key, value
+    return key.strip(), value
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Recipe (path or name in recipes/) + `key.sub=value` overrides -> a validated Config."""
-    tree: dict = {}
-    if recipe is not None:
-        path = resolve_recipe(recipe)
-        tree = _load_tree(path)
-        tree.setdefault("name", path.stem)
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_path(tree, key, value)
-    cfg = _build(Config, tree)
-    validate(cfg)
-    return cfg
-
-
-def config_from_dict(tree: dict) -> Config:
-    cfg = _build(Config, tree)
+def build_config(tree: dict, sections: dict[str, type]) -> Config:
+    """A recipe tree as a Config whose sections named in `sections` (the task kind's `task` and
+    `data` classes) have those classes. core/recipe.py picks them by `task.kind`."""
+    cfg = build_section(Config, tree, sections=sections)
     validate(cfg)
     return cfg
 
@@ -394,8 +369,6 @@ def validate(cfg: Config) -> None:
         (cfg.logging.every >= 1, "logging.every must be >= 1"),
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
         (bool(cfg.model.vision or cfg.model.vision_config), "set model.vision or vision_config"),
-        (bool(cfg.model.text or cfg.model.text_config), "set model.text or model.text_config"),
-        (bool(cfg.model.tokenizer or cfg.model.text), "set model.tokenizer (no text checkpoint)"),
     ]
     for ok, message in checks:
         if not ok:

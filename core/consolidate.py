@@ -1,23 +1,23 @@
 """A run's checkpoint (any engine) as one full fp32 state dict, in one process (no ranks).
 
 Used by `vlscale export` and by a staged recipe's `task.init_from` (stage 2 starts from stage 1's
-weights whatever engine stage 1 ran). DeepSpeed is imported only to read a ZeRO checkpoint, DCP
-only for FSDP.
+weights whatever engine stage 1 ran). Each engine reads its own format (`read_checkpoint` in
+core/engines/); DeepSpeed is imported only to read a ZeRO checkpoint.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+import yaml
+
+from .checkpoint import list_checkpoints
+from .engines import engine_class
 
 
 def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
     """The run's checkpoint of `step`, or its newest complete one."""
-    from .checkpoint import list_checkpoints
-
     run_dir = Path(run_dir)
     found = dict(list_checkpoints(run_dir / "checkpoints"))
     if not found:
@@ -30,31 +30,16 @@ def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
 
 
 def read_state(step_dir: Path, kind: str) -> dict[str, torch.Tensor]:
-    """The full fp32 model state of one checkpoint directory written by engine `kind`."""
-    if kind == "ddp":
-        return load_file(step_dir / "model.safetensors")
-    if kind in ("zero2", "zero3"):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        from .engines.zero import TAG
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=TAG)
-        return {k: v.detach().clone() for k, v in state.items()}
-    if kind == "fsdp":
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-        loaded = _load_state_dict_from_keys({"model"}, checkpoint_id=str(step_dir / "dcp"))
-        return {k: v.detach().clone() for k, v in loaded["model"].items()}
-    raise ValueError(f"unknown engine kind {kind!r}")
+    """The full fp32 model state of one checkpoint directory written by engine `kind` (its
+    class's `read_checkpoint`; an unknown kind is a ConfigError naming the engines)."""
+    return engine_class(kind).read_checkpoint(Path(step_dir))
 
 
-def run_state(run_dir: str | Path, step: int | None = None):
-    """(the run's Config, its checkpoint's full state dict)."""
-    from .config import load_config
-
-    cfg = load_config(Path(run_dir) / "config.yaml")
-    return cfg, read_state(checkpoint_dir(run_dir, step), cfg.engine.kind)
+def run_state(run_dir: str | Path, step: int | None = None) -> tuple[dict, dict]:
+    """(the run's resolved config.yaml as a dict, its checkpoint's full state dict). A dict, not
+    a Config: core/recipe.py turns it into one where the task kinds are known."""
+    tree = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+    return tree, read_state(checkpoint_dir(run_dir, step), tree["engine"]["kind"])
 
 
 def fit_state(

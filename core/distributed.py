@@ -91,6 +91,14 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (asynchronously from pinned memory); the rest as is."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

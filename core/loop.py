@@ -1,8 +1,10 @@
 """The training loop every recipe shares: step -> log -> evaluate -> checkpoint.
 
-It knows nothing about contrastive vs VLM training: the task turns a batch into a loss, the engine
-owns backward/step/state, the stream owns the data position. Restarting the same command resumes
-from the newest complete checkpoint (`resume=auto`).
+It knows nothing about contrastive vs VLM training: it uses only the task contract
+(core/tasks/base.py), the engines' (core/engines/base.py) and the evaluators'
+(core/evaluators/base.py). The task turns a batch into a loss, the engine owns backward/step/
+state, the stream owns the data position, the declared evaluators measure. Restarting the same
+command resumes from the newest complete checkpoint (`resume=auto`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ import torch
 from . import distributed, preemption
 from .checkpoint import Checkpointer
 from .config import Config
+from .distributed import to_device
 from .engines import build_engine
-from .metrics import MetricsLogger
+from .evaluators import EvalContext, build_evaluators
+from .logger import MetricsLogger
+from .optim import scaled_lr
+from .report import write_report
 from .tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -37,13 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
 
 
 def total_steps(cfg: Config, global_batch: int, train_samples: int | None) -> int:
@@ -70,11 +69,12 @@ def train(cfg: Config) -> dict:
     seed_everything(cfg.seed)  # same init on every rank
 
     task = build_task(cfg)
+    evaluators = build_evaluators(cfg.eval.evaluators, task)
     seed_everything(cfg.seed + 1000 * dist.rank)  # per-rank randomness from here on
-    train_stream = task.train_stream(cfg, dist)
+    train_stream = task.train_stream(dist)
     global_batch = cfg.data.batch_size * cfg.optim.accum_steps * dist.world_size
     steps = total_steps(cfg, global_batch, train_stream.num_samples())
-    engine = build_engine(task, cfg, dist, task_lr(cfg, global_batch), steps)
+    engine = build_engine(task, cfg, dist, scaled_lr(cfg.optim, global_batch), steps)
 
     ckpt = Checkpointer(run_dir, dist, cfg.checkpoint.keep)
     start_step = 0
@@ -94,7 +94,7 @@ def train(cfg: Config) -> dict:
     try:
         while step < steps:
             t0 = time.perf_counter()
-            result = train_step(engine, batches, cfg.optim.accum_steps, dist)
+            result = train_step(task, engine, batches, cfg.optim.accum_steps, dist)
             step += 1
             if not result.stepped:
                 nonfinite_in_a_row += 1
@@ -124,10 +124,9 @@ def train(cfg: Config) -> dict:
                 logger.log(step, metrics)
             logger.advance(step)
 
-            if cfg.eval.every and step % cfg.eval.every == 0 and step != steps:
-                eval_metrics = run_eval(task, cfg, dist, engine, logger, step)
-            if cfg.eval.gen_steps and step % cfg.eval.gen_steps == 0:
-                log_generations(cfg, dist, engine, logger, step)
+            if step != steps:
+                due = [e for e in evaluators if every(e, cfg) and step % every(e, cfg) == 0]
+                eval_metrics = run_evaluators(due, cfg, dist, engine, logger, step) or eval_metrics
             periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
             if (periodic or result.stop) and step != steps:
                 save_checkpoint(ckpt, step, engine, train_stream)
@@ -137,14 +136,12 @@ def train(cfg: Config) -> dict:
                 distributed.barrier()  # no rank exits (and gets the others killed) before this
                 raise preemption.Interrupted(step, signame, str(ckpt.root / f"step_{step}"))
         if start_step < steps or not (run_dir / "eval.json").exists():
-            eval_metrics = run_eval(task, cfg, dist, engine, logger, step)
+            eval_metrics = run_evaluators(evaluators, cfg, dist, engine, logger, step)
         if resume_from is None or start_step < steps:
             save_checkpoint(ckpt, step, engine, train_stream)
     finally:
         logger.close()
     if dist.is_main:
-        from .report import write_report
-
         write_report(run_dir)
     distributed.barrier()
     return eval_metrics
@@ -152,7 +149,7 @@ def train(cfg: Config) -> dict:
 
 @dataclass
 class StepResult:
-    loss: float  # mean over ranks and micro-steps (nan if any rank's loss was not finite)
+    loss: float  # global mean: sum of losses / sum of loss weights (nan if any was not finite)
     grad_norm: float
     stepped: bool
     samples: int  # global
@@ -162,24 +159,21 @@ class StepResult:
     stop: bool = False  # some rank got a preemption/timeout signal: all stop after this step
 
 
-def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
+def train_step(task, engine, batches, accum_steps: int, dist) -> StepResult:
     """One optimizer step: `accum_steps` micro-batches, gradients synced on the last one only.
 
-    Micro-batches that count their supervised tokens (`loss_tokens`, from packing) are weighted
-    by them: each gets `loss_denominator` = global tokens / ranks and a loss scale of 1, so the
-    step's gradient is that of the mean over every token of the global batch (engines average
-    over ranks). Otherwise each micro-batch's mean loss is scaled by 1 / accum_steps.
+    The task's weighting rule (core/tasks/base.py): each micro-batch's loss is a sum over
+    `task.loss_weight(batch)` units. The weights of this step's micro-batches are summed over
+    ranks first (one all-reduce), and each loss is backpropagated times world_size / that total,
+    so that after the engines' mean over ranks the gradient is that of
+    sum(every loss) / total: the mean over every unit (token) of the global batch.
     """
     t_data = time.perf_counter()
     micro_batches = [to_device(next(batches), dist.device) for _ in range(accum_steps)]
     data_wait = time.perf_counter() - t_data
-    loss_scale = 1.0 / accum_steps
-    if "loss_tokens" in micro_batches[0]:
-        local = torch.tensor(float(sum(b["loss_tokens"] for b in micro_batches)))
-        (global_tokens,) = distributed.all_reduce_sum([local.to(dist.device)])
-        for batch in micro_batches:
-            batch["loss_denominator"] = max(global_tokens, 1.0) / dist.world_size
-        loss_scale = 1.0
+    local_weight = sum(float(task.loss_weight(b)) for b in micro_batches)
+    (total_weight,) = distributed.all_reduce_sum([torch.tensor(local_weight, device=dist.device)])
+    loss_scale = dist.world_size / max(total_weight, 1e-12)
     # Sums stay on the device until the one collective below: no host sync per micro-step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
     samples = torch.zeros((), dtype=torch.float64, device=dist.device)
@@ -188,10 +182,10 @@ def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
     for micro, batch in enumerate(micro_batches):
         last = micro == accum_steps - 1
         out = engine.forward_backward(batch, loss_scale, sync=last)
-        loss_sum += out["loss"].detach().double() * loss_scale
-        samples += out.get("num_samples", 0)
-        tokens += out.get("num_tokens", 0)
-        task_metrics.update(out.get("metrics", {}))
+        loss_sum += out.loss.detach().double()
+        samples += out.samples
+        tokens += out.tokens
+        task_metrics.update(out.metrics)
     finite = torch.isfinite(loss_sum)
     stop_vote = torch.tensor(float(preemption.requested()), device=dist.device)
     # One collective (and one host sync) for everything the ranks must agree on or report.
@@ -200,7 +194,7 @@ def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
     )
     grad_norm, stepped = engine.step(loss_is_finite=n_bad == 0)
     return StepResult(
-        loss=loss_total / dist.world_size if n_bad == 0 else math.nan,
+        loss=loss_total / max(total_weight, 1e-12) if n_bad == 0 else math.nan,
         grad_norm=grad_norm,
         stepped=stepped,
         samples=int(samples),
@@ -211,12 +205,6 @@ def train_step(engine, batches, accum_steps: int, dist) -> StepResult:
     )
 
 
-def task_lr(cfg: Config, global_batch: int) -> float:
-    from .optim import scaled_lr
-
-    return scaled_lr(cfg.optim, global_batch)
-
-
 def save_checkpoint(ckpt: Checkpointer, step: int, engine, stream) -> None:
     # A poisoned model is never written: every skipped step left the parameters untouched, and
     # this check catches anything else (e.g. a NaN that came in through a finite gradient).
@@ -225,35 +213,33 @@ def save_checkpoint(ckpt: Checkpointer, step: int, engine, stream) -> None:
     ckpt.save(step, engine, {"data": stream.state_dict()})
 
 
-def run_eval(task, cfg: Config, dist, engine, logger: MetricsLogger, step: int) -> dict:
+def every(evaluator, cfg: Config) -> int:
+    """Steps between an evaluator's runs (its own `every`, else eval.every; 0 = at the end)."""
+    return evaluator.options.every or cfg.eval.every
+
+
+def run_evaluators(evaluators, cfg: Config, dist, engine, logger: MetricsLogger, step: int) -> dict:
+    """Run `evaluators` on the task with full weights; log their metrics and tables, and write
+    eval.json (rank 0). Returns the metrics (rank 0; {} elsewhere or when none ran)."""
+    if not evaluators:
+        return {}
+    ctx = EvalContext(cfg=cfg, dist=dist, step=step, run_dir=Path(cfg.run_dir))
+    metrics: dict = {}
     # Sharded engines hand out a model with full weights: evaluation code may run on one rank.
     with engine.full_model() as model, torch.no_grad(), engine.autocast():
         model.eval()
-        metrics = model.evaluate(cfg, dist)
+        for evaluator in evaluators:
+            metrics.update(evaluator(model, ctx))
         model.train()
+    if dist.is_main:
+        for name, rows in ctx.tables.items():
+            logger.table(step, name, rows)
     if dist.is_main and metrics:
         logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         tmp = Path(cfg.run_dir) / "eval.json.tmp"
         tmp.write_text(json.dumps({"step": step, **metrics}, indent=2))
         os.replace(tmp, Path(cfg.run_dir) / "eval.json")
     return metrics
-
-
-def log_generations(cfg: Config, dist, engine, logger: MetricsLogger, step: int) -> None:
-    """Answers to fixed validation questions, appended to generations.txt and a wandb table:
-    watching them change is the quickest check that a VLM is learning to look and to stop."""
-    with engine.full_model() as model, torch.no_grad(), engine.autocast():
-        if not hasattr(model, "generation_samples"):
-            return
-        model.eval()
-        rows = model.generation_samples(cfg, dist)
-        model.train()
-    if dist.is_main and rows:
-        with open(Path(cfg.run_dir) / "generations.txt", "a") as f:
-            for row in rows:
-                f.write(f"step {step}\t{row['key']}\t{row['prediction']!r}\t"
-                        f"(reference {row['reference']!r})\n")  # fmt: skip
-        logger.table(step, "generations", rows)
 
 
 def memory_metrics(device: torch.device) -> dict:

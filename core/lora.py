@@ -10,14 +10,26 @@ a state dict into a merged LM or a peft adapter directory, without peft's model 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import LoraConfig
-
 ADAPTER = "default"  # peft's adapter name
+
+
+@dataclass
+class LoraConfig:
+    """`task.lora` of tasks that fine-tune an LM with adapters."""
+
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                 "down_proj"]
+    )  # fmt: skip
 
 
 def add_lora(model: nn.Module, lora: LoraConfig) -> None:

@@ -28,9 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def consolidated(run_dir: str | Path, step: int | None = None):
     """(task with the checkpoint's weights, its config, the state dict) of a run."""
     from core.consolidate import fit_state, run_state
+    from core.recipe import config_from_dict
     from core.tasks import build_task
 
-    cfg, state = run_state(run_dir, step)
+    tree, state = run_state(run_dir, step)
+    cfg = config_from_dict(tree)
     with torch.device("meta"):
         task = build_task(cfg)
     state = fit_state(state, task.state_dict(), f"{run_dir} checkpoint")

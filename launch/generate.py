@@ -42,31 +42,24 @@ def requests(args) -> list[tuple[str, list[Path]]]:
     return items
 
 
-def answer(task, items: list[tuple[str, list[Path]]], device, **options) -> list[str]:
-    from core.evaluate_vlm import decode_answers
-
-    samples = []
-    for prompt, images in items:
-        pixels = [task.eval_decoder.load_image(path.read_bytes()) for path in images]
-        ids = task.processor.prompt([{"user": prompt, "assistant": ""}], len(images))
-        size = task.vision.image_size
-        samples.append({
-            "prompt_ids": torch.tensor(ids),
-            "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 3, size, size),
-        })  # fmt: skip
-    batch = {k: v.to(device) for k, v in task.prompt_collate()(samples).items()}
-    tokens = task.answer(
-        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], **options
+def answer(task, items: list[tuple[str, list[Path]]], device, max_new_tokens: int,
+           **options) -> list[str]:  # fmt: skip
+    """One left-padded batch of (prompt, image files) answered by a Generative task."""
+    batch = task.prompt_batch(
+        [(prompt, [p.read_bytes() for p in images]) for prompt, images in items]
     )
-    return decode_answers(task.tokenizer, tokens.cpu(), task.end_of_turn_id)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return task.generate(batch, max_new_tokens, **options)
 
 
 def main(args) -> int:
+    from core.tasks import Generative
     from launch.export import consolidated
 
     task, cfg, _ = consolidated(args.run_dir, args.step)
-    if cfg.task.kind != "vlm":
-        raise SystemExit(f"vlscale generate: {args.run_dir} is a {cfg.task.kind} run, not a VLM")
+    if not isinstance(task, Generative):
+        raise SystemExit(f"vlscale generate: {args.run_dir} is a task.kind={cfg.task.kind} run, "
+                         "whose task does not generate")  # fmt: skip
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = task.to(device).eval()
     torch.manual_seed(args.seed)

@@ -1,6 +1,8 @@
 """`vlscale plan RECIPE --gpus N --gpu-mem GiB [key=value ...]`: per-GPU memory of every engine.
 
-Model state per rank (bytes; N parameters, T trained, W ranks, b = 2 in bf16 else 4):
+One row per registered engine (core.engines.ENGINES) and engine.offload value it supports (its
+`offloads`). Model state per rank is the engine's own `memory_per_rank` (N parameters, T
+trained, W ranks, b = 2 in bf16 else 4; the formulas are in each engine's docstring), in short:
   ddp    params 4N (fp32 weights, bf16 by autocast)  grads 4T        optimizer 8T (AdamW m, v)
   zero2  params bN + 4T/W (fp32 master partition)    grads bT/W      optimizer 8T/W
   zero3  params bN/W + 4T/W                          grads bT/W      optimizer 8T/W
@@ -22,7 +24,6 @@ import argparse
 
 import torch
 
-ENGINES = ["ddp", "zero2", "zero3", "fsdp"]
 GiB = 2**30
 
 
@@ -34,60 +35,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_state(kind: str, offload: str, precision: str, n: int, t: int, w: int) -> dict:
-    """Per-GPU bytes of parameters, gradients and optimizer state (see the module doc)."""
-    b = 2 if precision == "bf16" else 4
-    if kind == "ddp":
-        out = {"params": 4 * n, "grads": 4 * t, "optimizer": 8 * t}
-    elif kind == "zero2":
-        master = 0 if offload != "none" else 4 * t / w
-        out = {"params": b * n + master, "grads": b * t / w, "optimizer": 8 * t / w}
-    elif kind == "zero3":
-        master = 0 if offload != "none" else 4 * t / w
-        shards = 0 if offload == "optimizer+params" else b * n / w
-        out = {"params": shards + master, "grads": b * t / w, "optimizer": 8 * t / w}
-    elif kind == "fsdp":
-        out = {"params": 4 * n / w, "grads": 4 * t / w, "optimizer": 8 * t / w}
-        if offload == "optimizer+params":
-            out = dict.fromkeys(out, 0)
-    else:
-        raise ValueError(f"unknown engine kind {kind!r}")
-    if offload != "none":
-        out["optimizer"] = 0
-    return {k: int(v) for k, v in out.items()}
+    """Per-GPU bytes of parameters, gradients and optimizer state: engine `kind`'s
+    `memory_per_rank` (an unknown kind is a ConfigError naming the engines)."""
+    from core.engines import engine_class
+
+    return engine_class(kind).memory_per_rank(offload, precision, n, t, w)
 
 
 def count_parameters(cfg) -> tuple[int, int]:
     """(all, trained) parameters of the recipe's task, built on the meta device."""
-    from core.engines.wrap import freeze
     from core.tasks import build_task
 
     with torch.device("meta"):
-        task = build_task(cfg)
-    freeze(task, cfg.engine.freeze)
+        task = build_task(cfg)  # trainable patterns applied
     params = list(task.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def _towers(cfg) -> list[dict]:
     """(tokens, hidden, intermediate, heads, blocks) of each tower, from the recipe."""
-    from core.engines.wrap import tower_blocks
     from core.tasks import build_task
 
     with torch.device("meta"):
         task = build_task(cfg)
     towers = []
-    for name, blocks in tower_blocks(task).items():
+    tokens_per_sample = task.tokens_per_sample()
+    for name, blocks in task.blocks().items():
         tower = task.get_submodule(name)
         weights = [p for p in blocks[0].parameters() if p.ndim == 2]
         hidden = getattr(tower, "hidden_size", None) or weights[0].shape[1]
         intermediate = max(max(p.shape) for p in weights)
-        if hasattr(tower, "image_size"):
-            patch = getattr(tower, "patch_size", None) or cfg.model.vision_config.get("patch_size")
-            tokens = (tower.image_size // patch) ** 2 + int(getattr(tower, "has_cls_token", False))
-            heads = cfg.model.vision_config.get("num_attention_heads", 12)
-        else:
-            tokens = cfg.data.max_text_len
-            heads = cfg.model.text_config.get("num_attention_heads", 12)
+        tokens = tokens_per_sample[name]
+        heads = tower.num_heads
         towers.append(dict(tokens=tokens, hidden=hidden, intermediate=intermediate,
                            heads=heads, blocks=len(blocks)))  # fmt: skip
     return towers
@@ -109,27 +88,38 @@ def activations(cfg, mode: str) -> int:
     return int(total)
 
 
+def options() -> list[tuple[str, str]]:
+    """(kind, offload) of every registered engine and engine.offload value it supports."""
+    from core.engines import ENGINES
+
+    return [(kind, offload) for kind, cls in ENGINES.items() for offload in cls.offloads]
+
+
 def plan(cfg, gpus: int, gpu_mem_gib: float) -> list[dict]:
     n, t = count_parameters(cfg)
     act = {mode: activations(cfg, mode) for mode in ("none", "full")}
+    return plan_rows(n, t, cfg.engine.precision, act["none"], act["full"], gpus, gpu_mem_gib)
+
+
+def plan_rows(n: int, t: int, precision: str, act: int, act_ac: int, gpus: int,
+              gpu_mem_gib: float) -> list[dict]:  # fmt: skip
+    """One row per `options()`: model state per GPU, activations without and with activation
+    checkpointing, and whether each fits in `gpu_mem_gib`."""
     rows = []
-    options = [("ddp", "none"), ("zero2", "none"), ("zero2", "optimizer"), ("zero3", "none"),
-               ("zero3", "optimizer"), ("zero3", "optimizer+params"), ("fsdp", "none"),
-               ("fsdp", "optimizer+params")]  # fmt: skip
-    for kind, offload in options:
-        state = model_state(kind, offload, cfg.engine.precision, n, t, gpus)
+    for kind, offload in options():
+        state = model_state(kind, offload, precision, n, t, gpus)
         states = sum(state.values())
         rows.append({
             "engine": kind, "offload": offload, **state,
-            "activations": act["none"], "activations_ac": act["full"],
-            "fits": states + act["none"] <= gpu_mem_gib * GiB,
-            "fits_ac": states + act["full"] <= gpu_mem_gib * GiB,
+            "activations": act, "activations_ac": act_ac,
+            "fits": states + act <= gpu_mem_gib * GiB,
+            "fits_ac": states + act_ac <= gpu_mem_gib * GiB,
         })  # fmt: skip
     return rows
 
 
 def main(args) -> int:
-    from core.config import load_config
+    from core.recipe import load_config
 
     cfg = load_config(args.recipe, args.overrides)
     n, t = count_parameters(cfg)

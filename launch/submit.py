@@ -140,8 +140,8 @@ class TrainJob:
             WORLD_SIZE=str(env.num_tasks),
             LOCAL_RANK=str(env.local_rank),
         )
-        from core.config import load_config
         from core.loop import train
+        from core.recipe import load_config
 
         overrides = list(self.overrides)
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
@@ -256,7 +256,8 @@ def executor_parameters(opts: dict, job_name: str) -> dict:
 
 
 def main(args) -> int:
-    from core.config import ConfigError, load_config
+    from core.config import ConfigError
+    from core.recipe import load_config
 
     saved: dict = {}
     if args.resume:

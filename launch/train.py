@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from core.config import load_config
+from core.recipe import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,8 @@
 import pytest
 import yaml
 
-from core.config import Config, ConfigError, config_from_dict, load_config
+from core.config import Config, ConfigError
+from core.recipe import config_from_dict, load_config
 
 MINIMAL = """
 name: mini

@@ -25,11 +25,20 @@ from test_train import (
 )
 
 from core.checkpoint import list_checkpoints
-from core.config import ConfigError, load_config
-from core.engines.wrap import apply_activation_checkpointing, apply_compile, tower_blocks
-from core.engines.zero import build_ds_config, group_hyperparameters, repair_universal_load
+from core.config import ConfigError
+from core.engines import ENGINES, engine_class, register_engine
+from core.engines.wrap import apply_activation_checkpointing, apply_compile
+from core.engines.zero import (
+    DeepSpeedEngine,
+    build_ds_config,
+    group_hyperparameters,
+    repair_universal_load,
+)
+from core.recipe import load_config
 
-ENGINES = ["ddp", "zero2", "zero3", "fsdp"]
+KINDS = list(ENGINES)  # every registered engine
+SHARDED = [k for k in KINDS if k != "ddp"]  # checked against ddp's full replicas
+DEEPSPEED = [k for k in KINDS if issubclass(ENGINES[k], DeepSpeedEngine)]
 STEPS = 20
 
 
@@ -71,17 +80,88 @@ def exported_state(run_dir: Path) -> dict[str, torch.Tensor]:
     return consolidated(run_dir)[2]
 
 
+# ---------------------------------------------------------------- the registry
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_engine_owns_its_checkpoint_memory_and_offloads(kind):
+    cls = engine_class(kind)
+    assert cls is ENGINES[kind]
+    for name in ("read_checkpoint", "memory_per_rank"):
+        assert callable(getattr(cls, name)) and getattr(cls, name).__doc__, (kind, name)
+    assert isinstance(cls.offloads, tuple) and cls.offloads, kind
+    assert set(cls.offloads) <= {"none", "optimizer", "optimizer+params"}, kind
+    for precision in ("fp32", "bf16"):
+        on_gpu = {}
+        for offload in cls.offloads:
+            state = cls.memory_per_rank(offload, precision, 10_000, 6_000, 4)
+            assert sorted(state) == ["grads", "optimizer", "params"], (kind, offload)
+            assert all(isinstance(v, int) and v >= 0 for v in state.values()), (kind, state)
+            on_gpu[offload] = sum(state.values())
+        # offloads are listed from least to most moved to CPU: each leaves less on the GPU
+        assert list(on_gpu.values()) == sorted(on_gpu.values(), reverse=True), (kind, on_gpu)
+
+
+def test_memory_per_rank_formulas():
+    """The built-in engines' model state, N=1000, T=600, W=4, bf16 (b=2): see their docstrings."""
+    expected = {
+        ("ddp", "none"): (4000, 2400, 4800),
+        ("zero2", "none"): (2000 + 600, 300, 1200),
+        ("zero2", "optimizer"): (2000, 300, 0),
+        ("zero3", "none"): (500 + 600, 300, 1200),
+        ("zero3", "optimizer"): (500, 300, 0),
+        ("zero3", "optimizer+params"): (0, 300, 0),
+        ("fsdp", "none"): (1000, 600, 1200),
+        ("fsdp", "optimizer+params"): (0, 0, 0),
+    }
+    for (kind, offload), want in expected.items():
+        got = engine_class(kind).memory_per_rank(offload, "bf16", 1000, 600, 4)
+        assert (got["params"], got["grads"], got["optimizer"]) == want, (kind, offload)
+
+
+def test_unknown_engine_kind_names_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"engine.kind='nope' is not an engine; valid: ") as err:
+        engine_class("nope")
+    assert str(err.value).endswith(", ".join(KINDS))
+
+
+def test_a_registered_engine_appears_in_plan_rows():
+    from launch.plan import options, plan_rows
+
+    class Dummy(ENGINES["ddp"]):
+        offloads = ("none", "optimizer")
+
+        @staticmethod
+        def memory_per_rank(offload, precision, n, t, w):
+            """Everything on every rank but the optimizer, which offload moves."""
+            return {"params": n, "grads": t, "optimizer": 0 if offload != "none" else 2 * t}
+
+    with pytest.raises(TypeError, match="lacks read_checkpoint, memory_per_rank, offloads"):
+        register_engine("broken", object)
+    assert "dummy" not in ENGINES and "broken" not in ENGINES
+    assert register_engine("dummy", Dummy) is Dummy
+    try:
+        assert engine_class("dummy") is Dummy
+        assert options()[-2:] == [("dummy", "none"), ("dummy", "optimizer")]
+        rows = plan_rows(1000, 600, "fp32", act=2**29, act_ac=2**28, gpus=4, gpu_mem_gib=1.0)
+        assert [r["engine"] for r in rows] == [k for k, _ in options()]
+        dummy = [r for r in rows if r["engine"] == "dummy"]
+        assert [(r["offload"], r["params"], r["grads"], r["optimizer"]) for r in dummy] == [
+            ("none", 1000, 600, 1200),
+            ("optimizer", 1000, 600, 0),
+        ]
+        assert all(r["fits"] and r["fits_ac"] for r in dummy)
+    finally:
+        ENGINES.pop("dummy", None)
+    assert "dummy" not in {kind for kind, _ in options()}
+    assert list(ENGINES) == KINDS
+
+
 # ---------------------------------------------------------------- DeepSpeed config
 
 
 @pytest.mark.parametrize(
-    "kind, offload",
-    [
-        ("zero2", "none"),
-        ("zero2", "optimizer"),
-        ("zero3", "none"),
-        ("zero3", "optimizer+params"),
-    ],  # fmt: skip
+    "kind, offload", [(k, offload) for k in DEEPSPEED for offload in ENGINES[k].offloads]
 )
 def test_ds_config_is_generated_from_the_run_config(shapes, tmp_path, kind, offload):
     extra = {"engine.kind": kind, "engine.offload": offload, "optim.accum_steps": 3}
@@ -94,7 +174,7 @@ def test_ds_config_is_generated_from_the_run_config(shapes, tmp_path, kind, offl
     assert ds["gradient_clipping"] == 1.0
     assert ds["bf16"]["enabled"] is True
     zero = ds["zero_optimization"]
-    assert zero["stage"] == (2 if kind == "zero2" else 3)
+    assert zero["stage"] == ENGINES[kind].stage
     assert ("offload_optimizer" in zero) == (offload != "none")
     assert ("offload_param" in zero) == (offload == "optimizer+params")
 
@@ -152,18 +232,18 @@ def _task_and_batch(shapes, tmp_path, seed=0):
 
 def _grads(task, batch) -> dict[str, torch.Tensor]:
     task.zero_grad(set_to_none=True)
-    task(batch)["loss"].backward()
+    task(batch).loss.backward()
     return {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
 
 
 def test_activation_checkpointing_is_applied_per_block_and_keeps_gradients(shapes, tmp_path):
     task, batch = _task_and_batch(shapes, tmp_path)
-    towers = tower_blocks(task)
+    towers = task.blocks()
     assert sorted(towers) == ["text", "vision"] and all(len(b) == 2 for b in towers.values())
     names = {n for n, _ in task.named_parameters()}
     plain = _grads(task, batch)
-    assert apply_activation_checkpointing(task, "every_k", every_k=2) == 2  # block 0 of each
-    assert apply_activation_checkpointing(task, "full") == 4
+    assert apply_activation_checkpointing(towers, "every_k", every_k=2) == 2  # block 0 of each
+    assert apply_activation_checkpointing(towers, "full") == 4
     assert {n for n, _ in task.named_parameters()} == names  # no wrapper in the names
     assert_bitwise_equal(plain, _grads(task, batch))
 
@@ -171,7 +251,7 @@ def test_activation_checkpointing_is_applied_per_block_and_keeps_gradients(shape
 def test_compile_per_block_matches_eager(shapes, tmp_path):
     task, batch = _task_and_batch(shapes, tmp_path)
     eager = _grads(task, batch)
-    assert apply_compile(task) == 4
+    assert apply_compile(task.blocks()) == 4
     compiled = _grads(task, batch)
     assert eager.keys() == compiled.keys()
     for name in eager:
@@ -184,7 +264,7 @@ FROZEN = """
 import json, os, sys
 import torch
 sys.path.insert(0, {root!r})
-from core.config import load_config
+from core.recipe import load_config
 from core.distributed import init_distributed
 from core.engines import build_engine
 from core.tasks import build_task
@@ -219,14 +299,14 @@ open(sys.argv[1] + f"/rank{{dist.rank}}.json", "w").write(json.dumps(out))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ENGINES)
+@pytest.mark.parametrize("kind", KINDS)
 def test_frozen_tower_has_no_gradients_or_optimizer_state(shapes, tmp_path, kind):
     over = tiny_overrides(shapes, tmp_path / "run", 10, **{"engine.kind": kind})
-    over.append("engine.freeze=[vision]")
+    over.append("task.freeze=[vision.*]")
     script = tmp_path / "frozen.py"
     script.write_text(textwrap.dedent(FROZEN.format(root=str(ROOT), overrides=over)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={29800 + ENGINES.index(kind)}", str(script), str(tmp_path)]  # fmt: skip
+           f"--master_port={29800 + KINDS.index(kind)}", str(script), str(tmp_path)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -248,7 +328,7 @@ def test_frozen_tower_has_no_gradients_or_optimizer_state(shapes, tmp_path, kind
 def straight(shapes, tmp_path_factory) -> Path:
     """20 uninterrupted fp32 steps of every engine on 2 gloo ranks, same seed and data."""
     root = tmp_path_factory.mktemp("straight")
-    for kind in ENGINES:
+    for kind in KINDS:
         assert train_cli(shapes, root / kind, **{"engine.kind": kind}).wait(timeout=600) == 0
     return root
 
@@ -258,7 +338,7 @@ def test_engines_agree_with_ddp_over_20_steps(straight):
     ref = losses(straight / "ddp")
     assert len(ref) == STEPS and ref[-1] < 0.7 * ref[0]
     worst = {}
-    for kind in ENGINES[1:]:
+    for kind in SHARDED:
         curve = losses(straight / kind)
         assert len(curve) == STEPS
         worst[kind] = max(abs(a - b) / abs(b) for a, b in zip(curve, ref))
@@ -267,7 +347,7 @@ def test_engines_agree_with_ddp_over_20_steps(straight):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ENGINES[1:])
+@pytest.mark.parametrize("kind", SHARDED)
 def test_sigkill_and_restart_is_bitwise_exact(shapes, tmp_path, straight, kind):
     run = tmp_path / "killed"
     kill_after(train_cli(shapes, run, **{"engine.kind": kind}), run, 12)
@@ -283,7 +363,7 @@ def test_sigkill_and_restart_is_bitwise_exact(shapes, tmp_path, straight, kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ENGINES[1:])
+@pytest.mark.parametrize("kind", SHARDED)
 def test_resume_into_another_world_size(shapes, tmp_path, straight, kind):
     """2 ranks -> 1 rank -> 2 ranks, the global batch kept (batch 16 x 2 = 32 x 1): model,
     optimizer and schedule carry over (DCP resharding; DeepSpeed universal checkpoints), and so
@@ -330,13 +410,13 @@ def test_repair_universal_load_unshares_step_and_restores_group_hyperparameters(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ENGINES)
+@pytest.mark.parametrize("kind", KINDS)
 def test_deepspeed_launcher_runs_the_same_recipe_in_bf16(shapes, tmp_path, kind):
     run = tmp_path / "run"
     over = tiny_overrides(shapes, run, 4, **{"engine.kind": kind, "engine.precision": "bf16"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2",
-           "--master_port", str(29850 + ENGINES.index(kind)), "--no_local_rank",
+           "--master_port", str(29850 + KINDS.index(kind)), "--no_local_rank",
            "--module", "launch.cli", "train", "tiny_siglip", *over]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -361,7 +441,7 @@ def forward(self, batch):
     if calls["n"] == 3:  # the third step's loss, on rank 0 only
         import torch.distributed as dist
         if not dist.is_initialized() or dist.get_rank() == 0:
-            out["loss"] = out["loss"] * float("nan")
+            out = out._replace(loss=out.loss * float("nan"))
     return out
 SigLIPTask.forward = forward
 from launch.cli import main
@@ -370,14 +450,14 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["zero2", "zero3"])  # fsdp steps like ddp
+@pytest.mark.parametrize("kind", DEEPSPEED)  # fsdp steps like ddp
 def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere(shapes, tmp_path, straight, kind):
     script = tmp_path / "nan.py"
     script.write_text(textwrap.dedent(NAN_AT))
     run = tmp_path / "run"
     over = tiny_overrides(shapes, run, 5, **{"engine.kind": kind})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={29870 + ENGINES.index(kind)}", str(script), "train", "tiny_siglip",
+           f"--master_port={29870 + KINDS.index(kind)}", str(script), "train", "tiny_siglip",
            *over]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -396,7 +476,7 @@ def test_export_gives_hf_towers_for_every_engine(straight, tmp_path):
     from launch.export import export
 
     ref = None
-    for kind in ENGINES:
+    for kind in KINDS:
         out = export(straight / kind, tmp_path / kind)
         state = load_file(out / "model.safetensors")
         for tower in ("vision", "text"):
@@ -412,8 +492,9 @@ def test_export_gives_hf_towers_for_every_engine(straight, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "kind, offload", [("zero3", "optimizer+params"), ("fsdp", "optimizer+params")]
-)
+    "kind, offload", [(k, "optimizer+params") for k in KINDS if "optimizer+params" in
+                      ENGINES[k].offloads]
+)  # fmt: skip
 def test_cpu_offload_trains_like_ddp(shapes, tmp_path, straight, kind, offload):
     run = tmp_path / "run"
     args = ["train", "tiny_siglip", *tiny_overrides(shapes, run, 3, **{"engine.kind": kind,

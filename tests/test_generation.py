@@ -7,7 +7,7 @@ import torch
 import transformers as hf
 
 import core.models
-from core.models.decoder import KVCache
+from core.models.cache import KVCache
 from core.models.generation import GenerationConfig, generate
 
 VOCAB = 128

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core.config import load_config
 from core.optim import lr_factor, param_groups
+from core.recipe import load_config
 
 PUBLIC_OVERRIDES = {
     "run_dir": "/tmp/somewhere",
@@ -86,8 +86,13 @@ class _Linear(torch.nn.Module):
         super().__init__()
         self.proj = torch.nn.Linear(3, 1)
 
+    def blocks(self):
+        return {}
+
     def forward(self, batch):
-        return {"loss": self.proj(batch["x"]).pow(2).mean()}
+        from core.tasks import TaskOutput
+
+        return TaskOutput(loss=self.proj(batch["x"]).pow(2).mean())
 
 
 def _grad_sync_worker(rank: int, port: int, out):

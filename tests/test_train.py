@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file
 
 from core.checkpoint import list_checkpoints
-from core.config import load_config
 from core.data.synthetic import write_synthetic_shards
+from core.recipe import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,7 +209,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(shapes, tmp_path, monkeyp
         calls["n"] += 1
         out = real_forward(self, batch)
         if calls["n"] in poisoned:
-            out["loss"] = out["loss"] * float("nan")
+            out = out._replace(loss=out.loss * float("nan"))
         return out
 
     monkeypatch.setattr(SigLIPTask, "forward", forward)

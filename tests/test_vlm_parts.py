@@ -7,9 +7,8 @@ import torch
 import transformers as hf
 
 import core.models
-from core.config import LoraConfig
 from core.data.packing import PackedCollate, first_fit_decreasing, supervised_targets
-from core.lora import add_lora, has_lora, merge_lora_state, write_peft_adapter
+from core.lora import LoraConfig, add_lora, has_lora, merge_lora_state, write_peft_adapter
 from core.models.vlm import Projector, choose_shuffle, pixel_shuffle, splice_images
 
 
@@ -78,7 +77,7 @@ def test_packed_collate_segments_labels_images_and_counts():
     assert batch["pixel_values"].shape[0] == 3
     torch.testing.assert_close(batch["pixel_values"][:2], samples[2]["pixel_values"])
     # targets: 2 of sample 2 ([8, 3]), 2 of sample 0 ([3, 4]), 1 of sample 1 ([6])
-    assert batch["loss_tokens"] == 5
+    assert batch["supervised_tokens"] == 5
     where = supervised_targets(batch["labels"], batch["segment_ids"])
     assert batch["labels"][:, 1:][where].tolist() == [8, 3, 3, 4, 6]
     with pytest.raises(ValueError, match="image-pad tokens for 1 images"):

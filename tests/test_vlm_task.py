@@ -12,8 +12,8 @@ import torch
 from conftest import VQA_SUBSETS as SUBSETS
 from test_train import metrics, run_cli
 
-from core.config import load_config
 from core.data.shards import open_shard
+from core.recipe import load_config
 
 
 def vlm_overrides(vqa: Path, run_dir: Path, steps: int = 10, **extra) -> list[str]:
@@ -38,8 +38,8 @@ def vlm_overrides(vqa: Path, run_dir: Path, steps: int = 10, **extra) -> list[st
         "model.text_config.num_attention_heads": 2,
         "model.text_config.num_key_value_heads": 1,
         "model.tokenizer": str(vqa / "tokenizer"),
-        "model.projector.image_tokens": 4,
-        "task.train_vision": "false",  # as SiQ-VL (the tiny demo's stage 2 trains it)
+        "task.projector.image_tokens": 4,
+        "task.trainable": "[]",  # the stage's default, as SiQ-VL (the tiny demo's trains vision)
         "data.train": str(vqa / "{subset}" / "train-*.tar"),
         "data.val": str(vqa / "{subset}" / "val-*.tar"),
         "data.mixture": json.dumps({s: 1 for s in SUBSETS}),
@@ -52,12 +52,20 @@ def vlm_overrides(vqa: Path, run_dir: Path, steps: int = 10, **extra) -> list[st
         "logging.progress": "false",
         "logging.wandb.mode": "disabled",
         "checkpoint.every": 5,
-        "eval.subsets": json.dumps(["shapes_colour", "shapes_shape"]),
         "eval.batch_size": 8,
-        "eval.max_new_tokens": 4,
+        "eval.evaluators": evaluators(),
     }
     over.update(extra)
     return [f"{k}={v}" for k, v in over.items()]
+
+
+def evaluators(gen_every: int = 0, gen_samples: int = 2, max_new_tokens: int = 4) -> str:
+    declared = [{"vqa": {"subsets": ["shapes_colour", "shapes_shape"],
+                         "max_new_tokens": max_new_tokens}}, "loss"]  # fmt: skip
+    if gen_every:
+        declared.append({"generation": {"every": gen_every, "samples": gen_samples,
+                                        "max_new_tokens": max_new_tokens}})  # fmt: skip
+    return json.dumps(declared)
 
 
 def vlm_task(vqa, tmp_path, **extra):
@@ -80,10 +88,11 @@ def test_packed_rows_compute_the_same_loss_as_separate_samples(vqa, tmp_path):
     packed = collate(samples)
     assert packed["input_ids"].shape[0] < len(samples)  # several samples share a row
     with torch.no_grad():
-        total = task({**packed, "loss_denominator": 1.0})["loss"]
-        alone = sum(task({**collate([s]), "loss_denominator": 1.0})["loss"] for s in samples)
+        total = task(packed).loss  # a sum over supervised tokens
+        alone = sum(task(collate([s])).loss for s in samples)
     torch.testing.assert_close(total, alone, rtol=1e-5, atol=1e-5)
-    assert packed["loss_tokens"] == sum(int((s["labels"] != -100).sum()) for s in samples)
+    assert task.loss_weight(packed) == sum(task.loss_weight(collate([s])) for s in samples)
+    assert packed["supervised_tokens"] == sum(int((s["labels"] != -100).sum()) for s in samples)
 
 
 def test_text_only_batches_still_run_vision_and_projector(vqa, tmp_path):
@@ -92,7 +101,7 @@ def test_text_only_batches_still_run_vision_and_projector(vqa, tmp_path):
     task.vision.register_forward_hook(lambda *_: calls.append("vision"))
     batch = task.packed_collate()(decoded(task, vqa, "shapes_text", 4))
     assert batch["pixel_values"].shape[0] == 0
-    task(batch)["loss"].backward()
+    task(batch).loss.backward()
     assert calls == ["vision"]  # ZeRO-3 / FSDP ranks must gather the same modules
     grads = [p.grad for p in task.projector.parameters()]
     assert all(g is not None and not g.any() for g in grads)  # joined to the loss with weight 0
@@ -103,11 +112,20 @@ def test_stages_train_the_right_parameters(vqa, tmp_path):
         return {name.split(".")[0] for name, p in task.named_parameters() if p.requires_grad}
 
     assert trainable(vlm_task(vqa, tmp_path)) == {"projector"}
-    full = vlm_task(vqa, tmp_path, **{"task.stage": 2})
+    full = vlm_task(vqa, tmp_path, **{"task.stage": "sft"})
     assert trainable(full) == {"projector", "lm"}
-    tower_too = vlm_task(vqa, tmp_path, **{"task.stage": 2, "task.train_vision": "true"})
+    tower_too = vlm_task(
+        vqa, tmp_path, **{"task.stage": "sft", "task.trainable": "[vision.*, projector.*, lm.*]"}
+    )
     assert trainable(tower_too) == {"vision", "projector", "lm"}
-    lora = vlm_task(vqa, tmp_path, **{"task.stage": 2, "task.lm_tuning": "lora", "task.lora.r": 4})
+    no_norms = vlm_task(vqa, tmp_path, **{"task.stage": "sft", "task.freeze": "['*norm*']"})
+    frozen = [n for n, p in no_norms.named_parameters() if not p.requires_grad]
+    assert any("norm" in n for n in frozen) and all(
+        "norm" in n or n.startswith("vision.") for n in frozen
+    )
+    lora = vlm_task(
+        vqa, tmp_path, **{"task.stage": "sft", "task.lm_tuning": "lora", "task.lora.r": 4}
+    )
     lm_trainable = [n for n, p in lora.lm.named_parameters() if p.requires_grad]
     assert lm_trainable and all("lora_" in n for n in lm_trainable)
     assert not any(p.requires_grad for p in lora.vision.parameters())
@@ -117,9 +135,13 @@ def test_bad_projector_settings_are_clear_errors(vqa, tmp_path):
     from core.config import ConfigError
 
     with pytest.raises(ValueError, match="5 image tokens is not reachable"):
-        vlm_task(vqa, tmp_path, **{"model.projector.image_tokens": 5})
+        vlm_task(vqa, tmp_path, **{"task.projector.image_tokens": 5})
     with pytest.raises(ConfigError, match="pixel_shuffle=3 does not divide"):
-        vlm_task(vqa, tmp_path, **{"model.projector.pixel_shuffle": 3})
+        vlm_task(vqa, tmp_path, **{"task.projector.pixel_shuffle": 3})
+    with pytest.raises(ConfigError, match="lm_tuning=lora needs task.stage=sft"):
+        vlm_task(vqa, tmp_path, **{"task.lm_tuning": "lora"})
+    with pytest.raises(ConfigError, match=r"task.trainable: 'projektor\.\*' matches no"):
+        vlm_task(vqa, tmp_path, **{"task.trainable": "['projektor.*']"})
 
 
 def test_two_stages_train_evaluate_generate_and_export(vqa, tmp_path):
@@ -136,8 +158,8 @@ def test_two_stages_train_evaluate_generate_and_export(vqa, tmp_path):
     train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, stage1, 6, **{"optim.lr": 3e-3})))
     stage2 = tmp_path / "stage2"
     over = {
-        "task.stage": 2, "task.lm_tuning": "lora", "task.lora.r": 4, "task.init_from": stage1,
-        "optim.lr": 3e-3, "eval.gen_steps": 4, "eval.gen_samples": 2,
+        "task.stage": "sft", "task.lm_tuning": "lora", "task.lora.r": 4, "task.init_from": stage1,
+        "optim.lr": 3e-3, "eval.evaluators": evaluators(gen_every=4, gen_samples=2),
     }  # fmt: skip
     result = train(load_config("tiny_vlm_stage2", vlm_overrides(vqa, stage2, 8, **over)))
     losses = [r["loss"] for r in metrics(stage2) if "loss" in r]
@@ -184,7 +206,7 @@ def test_generate_cli_answers_as_the_training_time_evaluation(vqa, tmp_path):
 
     run = tmp_path / "run"
     train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, run, 2, **{
-        "eval.gen_steps": 2, "eval.gen_samples": 4, "eval.max_new_tokens": 5,
+        "eval.evaluators": evaluators(gen_every=2, gen_samples=4, max_new_tokens=5),
     })))  # fmt: skip
     logged = {}  # key -> the answer logged at step 2
     for line in (run / "generations.txt").read_text().splitlines():
@@ -229,22 +251,23 @@ def test_accumulated_micro_batches_weigh_every_token_equally(vqa, tmp_path):
 
         def forward_backward(self, batch, loss_scale, sync):
             out = self.task(batch)
-            (out["loss"] * loss_scale).backward()
+            (out.loss * loss_scale).backward()
             return out
 
         def step(self, loss_is_finite):
             return 0.0, True
 
-    task = vlm_task(vqa, tmp_path, **{"task.stage": 2})
+    task = vlm_task(vqa, tmp_path, **{"task.stage": "sft"})
     short = decoded(task, vqa, "shapes_colour", 6)
     long = decoded(task, vqa, "shapes_caption", 2)
     collate = task.packed_collate()
     dist = DistInfo(0, 1, 0, torch.device("cpu"))
-    result = train_step(Engine(task), iter([collate(short), collate(long)]), 2, dist)
+    result = train_step(task, Engine(task), iter([collate(short), collate(long)]), 2, dist)
     accumulated = [p.grad.clone() for p in task.parameters() if p.requires_grad]
     task.zero_grad()
-    whole = task(collate(short + long))
-    whole["loss"].backward()
+    batch = collate(short + long)
+    whole = task(batch).loss / task.loss_weight(batch)  # the token mean, computed directly
+    whole.backward()
     for a, b in zip(accumulated, [p.grad for p in task.parameters() if p.requires_grad]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert abs(result.loss - whole["loss"].item()) < 1e-5
+    assert abs(result.loss - whole.item()) < 1e-5

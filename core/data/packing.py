@@ -36,7 +36,7 @@ class PackedCollate:
     """Samples {"input_ids", "labels" [T], "pixel_values" [n, 3, S, S]} -> one packed batch:
     input_ids / labels / segment_ids [R, L] (segment -1 = padding), pixel_values [N, 3, S, S] in
     the order their image tokens appear (row-major), and host-side counts for the loop:
-    `loss_tokens` (supervised next-token targets), `num_samples`, `real_tokens`."""
+    `supervised_tokens` (next-token targets the loss sums over), `num_samples`, `real_tokens`."""
 
     def __init__(self, max_seq_len: int, pad_id: int, image_token_id: int, tokens_per_image: int):
         self.max_seq_len = max_seq_len
@@ -71,7 +71,7 @@ class PackedCollate:
             "pixel_values": pixel_values,
             "num_samples": len(samples),
             "real_tokens": sum(lengths),
-            "loss_tokens": int(supervised_targets(labels, segment_ids).sum()),
+            "supervised_tokens": int(supervised_targets(labels, segment_ids).sum()),
         }
 
 

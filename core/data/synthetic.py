@@ -175,6 +175,24 @@ def preference_pair(attributes: dict) -> dict:
     }
 
 
+def class_problems(attributes: list[dict]) -> list[tuple[str, list[str], list[int]]]:
+    """Zero-shot classification problems over these images: (name, one prompt per class, the
+    class of each image or -1). Colour and shape are labelled only on one-shape images (with
+    several shapes neither has one answer); the background always."""
+    colours, backgrounds = list(COLOURS), list(BACKGROUNDS)
+
+    def single(a, field, classes):
+        return classes.index(a["shapes"][0][field]) if len(a["shapes"]) == 1 else -1
+
+    return [
+        ("colour", [f"a {c} shape" for c in colours],
+         [single(a, "colour", colours) for a in attributes]),
+        ("shape", [f"a {s}" for s in SHAPES], [single(a, "shape", list(SHAPES)) for a in attributes]),
+        ("background", [f"shapes on a {b} background" for b in backgrounds],
+         [backgrounds.index(a["background"]) for a in attributes]),
+    ]  # fmt: skip
+
+
 def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> tuple[bytes, dict]:
     """(JPEG bytes, record) of sample `index` of `split`; independent of every other sample."""
     attributes = sample_attributes(random.Random(f"shapes/{seed}/{split}/{index}"))

@@ -11,7 +11,9 @@ import torch
 class Engine:
     """Subclasses set `dist`, `scheduler` (driving the optimizer whose groups hold the lr) and
     `autocast_dtype` (bf16 or None), and implement forward_backward, step, save, load,
-    consolidated_state_dict and parameters_finite."""
+    consolidated_state_dict and parameters_finite; and, without an instance (for tools, see
+    core/engines/__init__.py), `read_checkpoint(step_dir)`, `memory_per_rank(offload,
+    precision, n, t, w)` and `offloads`. `register_engine` checks those three."""
 
     autocast_dtype: torch.dtype | None = None
 

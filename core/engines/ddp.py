@@ -41,13 +41,13 @@ class DDPEngine(Engine):
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, total)
         self.autocast_dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else None
 
-    def forward_backward(self, batch: dict, loss_scale: float, sync: bool) -> dict:
+    def forward_backward(self, batch: dict, loss_scale: float, sync: bool):  # -> TaskOutput
         """One micro-step. `sync=False` skips the gradient all-reduce (inner accumulation steps)."""
         no_sync = isinstance(self.model, DistributedDataParallel) and not sync
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
             with self.autocast():
                 out = self.model(batch)
-            (out["loss"] * loss_scale).backward()
+            (out.loss * loss_scale).backward()
         return out
 
     def step(self, loss_is_finite: bool) -> tuple[float, bool]:
@@ -93,6 +93,23 @@ class DDPEngine(Engine):
 
     def parameters_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.task.parameters())
+
+    # ---------------------------------------------------------------- formats (no instance)
+
+    offloads: tuple[str, ...] = ("none",)  # the engine.offload values DDP supports
+
+    @staticmethod
+    def read_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
+        """The full fp32 model state of one checkpoint directory, offline in one process: the
+        replica rank 0 wrote (model.safetensors)."""
+        return load_file(step_dir / "model.safetensors")
+
+    @staticmethod
+    def memory_per_rank(offload: str, precision: str, n: int, t: int, w: int) -> dict:
+        """Bytes per rank of parameters, gradients and optimizer state (N parameters, T
+        trained, W ranks; no offload, the same in fp32 and bf16):
+          params 4N (fp32 weights, bf16 by autocast)   grads 4T   optimizer 8T (AdamW m, v)"""
+        return {"params": int(4 * n), "grads": int(4 * t), "optimizer": int(8 * t)}
 
 
 def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -34,7 +34,6 @@ from .wrap import (
     meta_copy,
     own_metrics,
     prepare,
-    tower_blocks,
     unlift_scalars,
 )
 
@@ -66,7 +65,7 @@ class FSDPEngine(Engine):
         )
         if e.offload == "optimizer+params":
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=dist.device.type == "cuda")
-        for name, blocks in tower_blocks(task).items():
+        for name, blocks in task.blocks().items():
             tower = task.get_submodule(name)
             if not any(p.requires_grad for p in tower.parameters()):
                 fully_shard(tower, **kwargs)  # frozen: one unit
@@ -81,10 +80,10 @@ class FSDPEngine(Engine):
         # Training casts through the MixedPrecisionPolicy; autocast is for evaluation (the copy).
         self.autocast_dtype = torch.bfloat16 if bf16 else None
 
-    def forward_backward(self, batch: dict, loss_scale: float, sync: bool) -> dict:
+    def forward_backward(self, batch: dict, loss_scale: float, sync: bool):  # -> TaskOutput
         self.task.set_requires_gradient_sync(sync)
         out = self.task(batch)
-        (out["loss"] * loss_scale).backward()
+        (out.loss * loss_scale).backward()
         return out
 
     def step(self, loss_is_finite: bool) -> tuple[float, bool]:
@@ -132,3 +131,32 @@ class FSDPEngine(Engine):
             for p in self.task.parameters()
         )
         return all_true(local, self.dist.device)
+
+    # ---------------------------------------------------------------- formats (no instance)
+
+    # The engine.offload values FSDP2 supports: CPUOffloadPolicy moves parameters, gradients
+    # and optimizer state together.
+    offloads: tuple[str, ...] = ("none", "optimizer+params")
+
+    @staticmethod
+    def read_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
+        """The full fp32 model state of one checkpoint directory, offline in one process: the
+        "model" entry of its DCP directory, read without a process group."""
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        loaded = _load_state_dict_from_keys({"model"}, checkpoint_id=str(step_dir / "dcp"))
+        return {k: v.detach().clone() for k, v in loaded["model"].items()}
+
+    @staticmethod
+    def memory_per_rank(offload: str, precision: str, n: int, t: int, w: int) -> dict:
+        """Bytes per rank of parameters, gradients and optimizer state (N parameters, T
+        trained, W ranks; the same in fp32 and bf16):
+          params 4N/W (fp32 shards; bf16 gathered per block while it runs)  grads 4T/W
+          optimizer 8T/W (AdamW m, v)
+        offload=optimizer+params (CPUOffloadPolicy) moves all three to CPU: 0 on the GPU."""
+        out = {"params": 4 * n / w, "grads": 4 * t / w, "optimizer": 8 * t / w}
+        if offload == "optimizer+params":
+            out = dict.fromkeys(out, 0)
+        if offload != "none":
+            out["optimizer"] = 0
+        return {k: int(v) for k, v in out.items()}

@@ -1,6 +1,7 @@
 """What every engine applies to the single-device task from outside the model code, in this
-order (torchtitan's): freeze, activation checkpointing, compile. Sharding comes after, in the
-engine. Towers are found by what they expose: vision towers `.blocks`, decoders `.layers`.
+order (torchtitan's): activation checkpointing, compile. Sharding comes after, in the engine.
+All of it works on the blocks the task declares (`Task.blocks()`, core/tasks/base.py); which
+parameters train was decided when the task was built (its trainable patterns).
 """
 
 from __future__ import annotations
@@ -19,40 +20,14 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError, EngineConfig
 
 
-def tower_blocks(model: nn.Module) -> dict[str, nn.ModuleList]:
-    """Submodule name -> its transformer block list, for every tower (outermost name wins)."""
-    found: dict[str, nn.ModuleList] = {}
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        for attr in ("blocks", "layers"):
-            blocks = getattr(module, attr, None)
-            if isinstance(blocks, nn.ModuleList) and id(blocks) not in seen and len(blocks):
-                seen.add(id(blocks))
-                found[name] = blocks
-    return found
-
-
-def freeze(model: nn.Module, names: list[str]) -> None:
-    """requires_grad=False for the named submodules: no gradients, no optimizer state."""
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            children = ", ".join(n for n, _ in model.named_children())
-            raise ConfigError(
-                f"engine.freeze: no submodule {name!r}; top level: {children}"
-            ) from None
-        module.requires_grad_(False)
-    if names and not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError(f"engine.freeze={names} leaves nothing to train")
-
-
 def _checkpointed_forward(forward, *args, **kwargs):
     # Non-reentrant: works with frozen inputs, kwargs, FSDP2 and ZeRO-3 hooks.
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 2) -> int:
+def apply_activation_checkpointing(
+    blocks: dict[str, nn.ModuleList], mode: str, every_k: int = 2
+) -> int:
     """Recompute blocks in backward instead of keeping their activations. The block's `forward`
     is replaced on the instance, so parameter names (checkpoints, sharding) do not change.
     Returns the number of blocks checkpointed."""
@@ -61,29 +36,30 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_k: int = 2
     if mode == "every_k" and every_k < 1:
         raise ConfigError(f"engine.ac_every_k must be >= 1, got {every_k}")
     count = 0
-    for blocks in tower_blocks(model).values():
-        for i, block in enumerate(blocks):
+    for tower in blocks.values():
+        for i, block in enumerate(tower):
             if mode == "full" or i % every_k == 0:
                 block.forward = functools.partial(_checkpointed_forward, block.forward)
                 count += 1
     return count
 
 
-def apply_compile(model: nn.Module) -> int:
+def apply_compile(blocks: dict[str, nn.ModuleList]) -> int:
     """torch.compile each block (its own graph: repeated blocks reuse one compilation)."""
     count = 0
-    for blocks in tower_blocks(model).values():
-        for block in blocks:
+    for tower in blocks.values():
+        for block in tower:
             block.compile()
             count += 1
     return count
 
 
-def prepare(model: nn.Module, cfg: EngineConfig) -> None:
-    freeze(model, cfg.freeze)
-    apply_activation_checkpointing(model, cfg.activation_checkpointing, cfg.ac_every_k)
+def prepare(task, cfg: EngineConfig) -> None:
+    """Activation checkpointing and compile of the task's declared blocks."""
+    blocks = task.blocks()
+    apply_activation_checkpointing(blocks, cfg.activation_checkpointing, cfg.ac_every_k)
     if cfg.compile:
-        apply_compile(model)
+        apply_compile(blocks)
 
 
 def lift_scalars(model: nn.Module) -> list[str]:
@@ -163,12 +139,11 @@ def own_metrics(model: nn.Module) -> None:
     scale), whose storage FSDP2 and ZeRO-3 free in their own post-forward hooks, so this hook
     is put before theirs. A device copy, no host sync."""
 
-    def hook(module, args, out):
-        metrics = out.get("metrics") if isinstance(out, dict) else None
-        if metrics:
-            out["metrics"] = {
-                k: v.detach().clone() if torch.is_tensor(v) else v for k, v in metrics.items()
-            }
+    def hook(module, args, out):  # out: a TaskOutput
+        if out.metrics:
+            metrics = {k: v.detach().clone() if torch.is_tensor(v) else v
+                       for k, v in out.metrics.items()}  # fmt: skip
+            return out._replace(metrics=metrics)
         return out
 
     model.register_forward_hook(hook, prepend=True)

@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-2 / ZeRO-3 engine (kind zero2 | zero3, optional CPU offload).
+"""DeepSpeed ZeRO-2 / ZeRO-3 engine (kind zero2 | zero3: Zero2Engine | Zero3Engine, one
+DeepSpeedEngine apart from their stage, offloads and memory; optional CPU offload).
 
 The DeepSpeed config is generated from the run config on top of ds_configs/*.json, or taken from
 the user's JSON (engine.ds_config) and checked: batch sizes, accumulation, clipping and precision
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, ConfigError
-from ..distributed import DistInfo
+from ..distributed import DistInfo, barrier
 from ..optim import build_scheduler, param_groups
 from .base import Engine
 from .wrap import (
@@ -195,7 +196,7 @@ class DeepSpeedEngine(Engine):
         # Training runs DeepSpeed's bf16 weights; autocast is for evaluation (the fp32 copy).
         self.autocast_dtype = torch.bfloat16 if self.bf16 else None
 
-    def forward_backward(self, batch: dict, loss_scale: float, sync: bool) -> dict:
+    def forward_backward(self, batch: dict, loss_scale: float, sync: bool):  # -> TaskOutput
         if self.bf16:  # the model's weights are bf16: so are its floating inputs
             batch = {
                 k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
@@ -203,7 +204,7 @@ class DeepSpeedEngine(Engine):
             }
         self.model.set_gradient_accumulation_boundary(sync)
         out = self.model(batch)
-        self.model.backward(out["loss"] * loss_scale, scale_wrt_gas=False)
+        self.model.backward(out.loss * loss_scale, scale_wrt_gas=False)
         return out
 
     def step(self, loss_is_finite: bool) -> tuple[float, bool]:
@@ -243,8 +244,6 @@ class DeepSpeedEngine(Engine):
     def load_resharded(self, directory: Path) -> None:
         """Load a checkpoint written by another number of ranks: convert it to DeepSpeed's
         universal format once (rank 0, beside the original), then load that."""
-        from ..distributed import barrier
-
         universal = directory / "universal"
         if self.dist.is_main and not (universal / TAG / "zero").is_dir():
             to_universal(directory, universal, self.stage)
@@ -269,6 +268,62 @@ class DeepSpeedEngine(Engine):
             t = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
             local = local and bool(torch.isfinite(t).all())
         return all_true(local, self.dist.device)
+
+    # ---------------------------------------------------------------- formats (no instance)
+
+    @staticmethod
+    def read_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
+        """The full fp32 model state of one checkpoint directory, offline in one process:
+        DeepSpeed's zero_to_fp32 merges the fp32 master partitions of every rank (ZeRO-2 and
+        ZeRO-3 alike). DeepSpeed is imported here, on the CPU accelerator unless set."""
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=TAG)
+        return {k: v.detach().clone() for k, v in state.items()}
+
+
+class Zero2Engine(DeepSpeedEngine):
+    """kind zero2: DeepSpeed ZeRO-2, optimizer state and gradients sharded."""
+
+    stage = 2
+    # ZeRO-2 keeps full parameters on every rank: only the optimizer side can move to CPU.
+    offloads: tuple[str, ...] = ("none", "optimizer")
+
+    @staticmethod
+    def memory_per_rank(offload: str, precision: str, n: int, t: int, w: int) -> dict:
+        """Bytes per rank of parameters, gradients and optimizer state (N parameters, T
+        trained, W ranks, b = 2 in bf16 else 4):
+          params bN + 4T/W (fp32 master partition)   grads bT/W   optimizer 8T/W (AdamW m, v)
+        offload=optimizer moves the master partition and the optimizer state to CPU."""
+        b = 2 if precision == "bf16" else 4
+        master = 0 if offload != "none" else 4 * t / w
+        out = {"params": b * n + master, "grads": b * t / w, "optimizer": 8 * t / w}
+        if offload != "none":
+            out["optimizer"] = 0
+        return {k: int(v) for k, v in out.items()}
+
+
+class Zero3Engine(DeepSpeedEngine):
+    """kind zero3: DeepSpeed ZeRO-3, parameters sharded too."""
+
+    stage = 3
+    offloads: tuple[str, ...] = ("none", "optimizer", "optimizer+params")
+
+    @staticmethod
+    def memory_per_rank(offload: str, precision: str, n: int, t: int, w: int) -> dict:
+        """Bytes per rank of parameters, gradients and optimizer state (N parameters, T
+        trained, W ranks, b = 2 in bf16 else 4):
+          params bN/W + 4T/W (fp32 master partition)   grads bT/W   optimizer 8T/W (AdamW m, v)
+        offload=optimizer moves the master partition and the optimizer state to CPU,
+        offload=optimizer+params the parameter partitions (bN/W) too."""
+        b = 2 if precision == "bf16" else 4
+        master = 0 if offload != "none" else 4 * t / w
+        shards = 0 if offload == "optimizer+params" else b * n / w
+        out = {"params": shards + master, "grads": b * t / w, "optimizer": 8 * t / w}
+        if offload != "none":
+            out["optimizer"] = 0
+        return {k: int(v) for k, v in out.items()}
 
 
 def group_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:

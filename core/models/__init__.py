@@ -16,6 +16,8 @@ Every model class implements the same small protocol:
                                                  unexpected keys are an error naming them
     hf_config(self) -> dict                      config.json that transformers loads
     hf_state_dict(self) -> state                 tensors under transformers' names
+
+Each family module registers its classes (`@register`, core/models/registry.py).
 """
 
 from __future__ import annotations
@@ -24,26 +26,12 @@ from pathlib import Path
 
 import torch
 
-from . import hub
-
-_FAMILIES: dict[str, type] = {}
-
-
-def register(cls: type) -> type:
-    for model_type in cls.MODEL_TYPES:
-        _FAMILIES[model_type] = cls
-    return cls
-
-
-def _registry() -> dict[str, type]:
-    # Import the family modules lazily so `core.models.attention` stays cheap to import.
-    from . import decoder, vision  # noqa: F401
-
-    return _FAMILIES
+from . import decoder, hub, vision  # noqa: F401 - decoder and vision register their families
+from .registry import FAMILIES, register  # noqa: F401 - register: the public decorator
 
 
 def model_class(model_type: str) -> type:
-    families = _registry()
+    families = FAMILIES
     if model_type not in families:
         raise ValueError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(families))}"

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register
 from .attention import attention
+from .cache import KVCache
+from .generation import generate
+from .registry import register
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 ARCHITECTURES = {
@@ -185,49 +187,6 @@ def _reject_unsupported(cfg: dict) -> None:
         raise ValueError(f"unsupported {cfg['model_type']} config options: {'; '.join(problems)}")
 
 
-class KVCache:
-    """Keys/values of the tokens seen so far, per layer, preallocated for `max_len` positions.
-
-    Each attention layer appends its new keys/values with `update` and attends over everything
-    cached; the buffers take the batch, heads and dtype of the first update.
-    """
-
-    def __init__(self, num_layers: int, max_len: int):
-        self.max_len = max_len
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.lengths = [0] * num_layers
-
-    @property
-    def length(self) -> int:
-        """Positions cached by completed forwards (the last layer updates last)."""
-        return self.lengths[-1]
-
-    def update(
-        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k/v [B, Hkv, T, D]; return all cached k/v of this layer [B, Hkv, S, D]."""
-        if self.keys[layer_idx] is None:
-            B, H, _, D = k.shape
-            self.keys[layer_idx] = k.new_empty(B, H, self.max_len, D)
-            self.values[layer_idx] = v.new_empty(B, H, self.max_len, v.shape[-1])
-        start = self.lengths[layer_idx]
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.keys[layer_idx][:, :, start:end] = k
-        self.values[layer_idx][:, :, start:end] = v
-        self.lengths[layer_idx] = end
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Row i of every layer's cache becomes a copy of row index[i] (beam search: repeat each
-        prompt once per beam, then follow the beams that survive each step)."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None:
-                self.keys[i], self.values[i] = k.index_select(0, index), v.index_select(0, index)
-
-
 @dataclass
 class AttnMask:
     """Who may attend to whom: the mask arguments of `core.models.attention.attention`."""
@@ -365,6 +324,10 @@ class Decoder(nn.Module):
     def hidden_size(self) -> int:
         return self.config.hidden_size
 
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
     def init_weights(self, std: float = 0.02) -> None:
         """transformers' init: N(0, std) weights, zero biases, zero padding embedding."""
         for module in self.modules():
@@ -468,8 +431,6 @@ class Decoder(nn.Module):
         bidirectional (PaliGemma). A row that emitted an eos token repeats it (or pad_token_id)
         until every row has finished, which ends decoding. See core.models.generation.
         """
-        from .generation import generate
-
         return generate(
             self, input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
             prefix_len=prefix_len, max_new_tokens=max_new_tokens,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from .decoder import KVCache
+from .cache import KVCache
 
 IMPOSSIBLE = -1.0e9  # transformers' score for beams that must not be picked
 

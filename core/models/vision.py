@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register
 from .attention import attention
+from .registry import register
 
 HALF = (0.5, 0.5, 0.5)  # normalisation to [-1, 1]: SigLIP's, and google/vit-base-patch16-224's
 
@@ -188,7 +188,8 @@ def self_attention(
 
 class VisionTower(nn.Module):
     """The checkpoint protocol of core.models and the attributes engines and tasks read:
-    hidden_size, image_size, patch_size, image_mean/std, has_cls_token, has_head, blocks."""
+    hidden_size, num_heads, image_size, patch_size, num_tokens, image_mean/std, has_cls_token,
+    has_head, blocks."""
 
     MODEL_TYPES: tuple[str, ...]
     ARCHITECTURE: str  # the transformers class our checkpoints load into
@@ -203,6 +204,15 @@ class VisionTower(nn.Module):
         self.patch_size: int = args.patch_size
         self.image_mean: tuple[float, ...] = args.image_mean
         self.image_std: tuple[float, ...] = args.image_std
+
+    @property
+    def num_heads(self) -> int:
+        return self.args.num_attention_heads
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the encoder sees per image: the patches (+ [CLS])."""
+        return (self.image_size // self.patch_size) ** 2 + int(self.has_cls_token)
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> VisionTower:

@@ -1,18 +1,30 @@
-"""Tasks: a model plus its objective (batch -> {loss, metrics}), its data decoding and its
-evaluation. The loop calls `task(batch)` and never branches on the recipe."""
+"""Tasks: a model plus its objective, its data and its capabilities, behind one contract
+(core/tasks/base.py). Each kind is one module that registers itself; importing this package
+registers the built-in kinds."""
 
 from __future__ import annotations
 
-from ..config import Config
+from . import siglip, vlm  # noqa: F401 - registers the built-in kinds
+from .base import (
+    TASKS,
+    Generative,
+    ImageTextEmbedder,
+    Task,
+    TaskOutput,
+    build_task,
+    register_task,
+    set_trainable,
+    task_class,
+)
 
-
-def build_task(cfg: Config):
-    if cfg.task.kind == "siglip":
-        from .siglip import SigLIPTask
-
-        return SigLIPTask(cfg)
-    if cfg.task.kind == "vlm":
-        from .vlm import VLMTask
-
-        return VLMTask(cfg)
-    raise ValueError(f"unknown task.kind {cfg.task.kind!r}")
+__all__ = [
+    "TASKS",
+    "Generative",
+    "ImageTextEmbedder",
+    "Task",
+    "TaskOutput",
+    "build_task",
+    "register_task",
+    "set_trainable",
+    "task_class",
+]

@@ -6,6 +6,9 @@ import torch
 
 from .. import models
 from ..config import Config
+from ..data.mixture import mixture_urls
+from ..data.preprocess import collate as default_collate
+from ..data.stream import ShardStream
 from ..models import hub
 
 
@@ -52,9 +55,6 @@ def make_stream(
     cfg: Config, dist, urls: str, decode, *, train: bool, collate=None, mixture=None,
     batch_size: int = 0,
 ):  # fmt: skip
-    from ..data.mixture import mixture_urls
-    from ..data.preprocess import collate as default_collate
-    from ..data.stream import ShardStream
 
     if not urls:
         raise ValueError(f"data.{'train' if train else 'val'} is empty: point it at shards")

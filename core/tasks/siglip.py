@@ -3,19 +3,52 @@ sigmoid loss with learnable temperature and bias (Zhai et al., 2023)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from .. import models
+from ..config import Config, ConfigError, DataConfig, TaskConfig
+from ..data.preprocess import ImageTextDecoder, with_attributes
 from ..losses import sigmoid_loss
-from .common import build_tokenizer, load_tower, pool_tokens
+from .base import ImageTextEmbedder, Task, TaskOutput, register_task
+from .common import build_tokenizer, load_tower, make_stream, pool_tokens
 
 
-class SigLIPTask(nn.Module):
+@dataclass
+class SigLIPConfig(TaskConfig):
+    embed_dim: int = 768
+    pooling: Literal["mean", "cls", "map", "last"] = "mean"  # image tower pooling
+    text_pooling: Literal["mean", "last"] = "mean"
+    text_attention: Literal["causal", "bidirectional"] = "causal"
+    init_logit_scale: float = math.log(10.0)
+    init_logit_bias: float = -10.0
+    loss_chunk_size: int = 0  # 0 = whole local block at once
+
+
+@dataclass
+class ImageTextDataConfig(DataConfig):
+    """Image-caption pairs (CC3M-layout shards: KEY.jpg + KEY.txt)."""
+
+    max_text_len: int = 77
+    max_caption_bytes: int = 4096
+
+
+@register_task
+class SigLIPTask(Task, ImageTextEmbedder):
+    kind = "siglip"
+    Config = SigLIPConfig
+    DataConfig = ImageTextDataConfig
+
     def __init__(self, cfg: Config):
-        super().__init__()
+        super().__init__(cfg)
         t = cfg.task
+        if not (cfg.model.text or cfg.model.text_config):
+            raise ConfigError("task.kind=siglip: set model.text or model.text_config")
         self.tokenizer = build_tokenizer(cfg)
         self.vision = load_tower(cfg.model.vision, cfg.model.vision_config, cfg.model.image_size)
         # A text tower built from a config gets the tokenizer's vocabulary unless it names one.
@@ -37,7 +70,21 @@ class SigLIPTask(nn.Module):
             nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(float(t.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(t.init_logit_bias)))
-        self.decoder = self.sample_decoder(cfg)
+        self.decoder = ImageTextDecoder(
+            image_size=self.vision.image_size,
+            mean=self.vision.image_mean,
+            std=self.vision.image_std,
+            tokenizer=self.tokenizer,
+            max_text_len=cfg.data.max_text_len,
+            max_pixels=cfg.data.max_pixels,
+            max_caption_bytes=cfg.data.max_caption_bytes,
+        )
+
+    def blocks(self) -> dict[str, nn.ModuleList]:
+        return {"vision": self.vision.blocks, "text": self.text.layers}
+
+    def tokens_per_sample(self) -> dict[str, int]:
+        return {"vision": self.vision.num_tokens, "text": self.cfg.data.max_text_len}
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.vision(pixel_values)
@@ -60,54 +107,37 @@ class SigLIPTask(nn.Module):
         pooled = pool_tokens(hidden, attention_mask, self.text_pooling)
         return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
-    def forward(self, batch: dict) -> dict:
+    def forward(self, batch: dict) -> TaskOutput:
         image = self.encode_image(batch["pixel_values"])
         text = self.encode_text(batch["input_ids"], batch["attention_mask"])
         loss = sigmoid_loss(
             image, text, self.logit_scale, self.logit_bias, chunk_size=self.loss_chunk_size
         )
-        return {
-            "loss": loss,
-            "num_samples": image.shape[0],
-            "num_tokens": batch["attention_mask"].sum(),
-            "metrics": {
+        return TaskOutput(  # a mean over the batch's pairs: micro-batches weigh equally
+            loss=loss,
+            samples=image.shape[0],
+            tokens=batch["attention_mask"].sum(),
+            metrics={
                 "temperature": self.logit_scale.detach().exp(),
                 "logit_bias": self.logit_bias.detach(),
             },
-        }
-
-    def export_hf(self, out, state: dict) -> None:
-        """The towers as Hugging Face checkpoints (`vlscale export`)."""
-        from ..models import save_pretrained
-
-        save_pretrained(self.vision, out / "vision")
-        save_pretrained(self.text, out / "text")
-
-    # ------------------------------------------------------------------ data and evaluation
-    def sample_decoder(self, cfg: Config):
-        from ..data.preprocess import ImageTextDecoder
-
-        return ImageTextDecoder(
-            image_size=self.vision.image_size,
-            mean=self.vision.image_mean,
-            std=self.vision.image_std,
-            tokenizer=self.tokenizer,
-            max_text_len=cfg.data.max_text_len,
-            max_pixels=cfg.data.max_pixels,
-            max_caption_bytes=cfg.data.max_caption_bytes,
         )
 
+    def export_hf(self, out, state: dict) -> None:
+        """The towers as Hugging Face checkpoints: out/vision, out/text."""
+        models.save_pretrained(self.vision, out / "vision")
+        models.save_pretrained(self.text, out / "text")
+
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and mask of free texts (e.g. zero-shot prompts), exactly as captions are."""
         pairs = [self.decoder.tokenize(text) for text in texts]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
-    def train_stream(self, cfg: Config, dist):
-        from .common import make_stream
+    def train_stream(self, dist):
+        return make_stream(self.cfg, dist, self.cfg.data.train, self.decoder, train=True)
 
-        return make_stream(cfg, dist, cfg.data.train, self.decoder, train=True)
-
-    def evaluate(self, cfg: Config, dist) -> dict:
-        from ..evaluate import evaluate_contrastive
-
-        return evaluate_contrastive(self, cfg, dist)
+    def val_stream(self, dist, batch_size: int):
+        """Validation pairs with each sample's JSON metadata as "attributes" (for zero-shot)."""
+        decode = with_attributes(self.decoder)
+        return make_stream(
+            self.cfg, dist, self.cfg.data.val, decode, train=False, batch_size=batch_size
+        )

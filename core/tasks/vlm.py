@@ -16,35 +16,81 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config, ConfigError
-from ..data.packing import supervised_targets
+from .. import models
+from ..config import Config, ConfigError, DataConfig, TaskConfig
+from ..consolidate import fit_state, run_state
+from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder
+from ..data.packing import PackedCollate, PromptCollate, supervised_targets
+from ..lora import LoraConfig, add_lora, has_lora, merge_lora_state, write_peft_adapter
+from ..models.generation import generate
 from ..models.vlm import Projector, choose_shuffle, splice_images
-from .common import build_tokenizer, load_tower
+from .base import Generative, Task, TaskOutput, register_task
+from .common import build_tokenizer, load_tower, make_stream
 
 log = logging.getLogger(__name__)
 
 
-class VLMTask(nn.Module):
+@dataclass
+class ProjectorConfig:
+    """Vision tokens -> LM embeddings. Pixel shuffle folds r x r neighbouring patches into one
+    token (r^2 times the channels), then a linear map (optionally LayerNorm first, or a 2-layer
+    MLP). pixel_shuffle=0 picks r for `image_tokens` tokens per image."""
+
+    kind: Literal["linear", "layernorm", "mlp"] = "linear"
+    pixel_shuffle: int = 0
+    image_tokens: int = 0  # with pixel_shuffle=0; 0 = r=1 (no shuffle)
+
+
+@dataclass
+class VLMConfig(TaskConfig):
+    """Stages (SiQ-VL): `align` trains the projector only; `sft` the LM too, every weight
+    (lm_tuning full) or LoRA adapters. `task.trainable` overrides either default (the tiny demo
+    also trains the vision tower: [vision.*, projector.*, lm.*])."""
+
+    stage: Literal["align", "sft"] = "align"
+    lm_tuning: Literal["full", "lora"] = "full"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    init_from: str = ""  # a previous stage's run directory (its newest checkpoint)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+
+
+@dataclass
+class VLMDataConfig(DataConfig):
+    """ChatML conversations with images (FineVision-converted shards)."""
+
+    max_seq_len: int = 1024  # a sample's tokens; packed rows have this length
+    system_prompt: str = "You are a helpful assistant."
+    max_images: int = 8  # per sample
+
+
+@register_task
+class VLMTask(Task, Generative):
+    kind = "vlm"
+    Config = VLMConfig
+    DataConfig = VLMDataConfig
+
     def __init__(self, cfg: Config):
-        super().__init__()
+        super().__init__(cfg)
         t, m = cfg.task, cfg.model
-        if t.stage not in (1, 2):
-            raise ConfigError(f"task.stage={t.stage}: the vlm task has stages 1 and 2")
+        if not (m.text or m.text_config):
+            raise ConfigError("task.kind=vlm: set model.text or model.text_config")
         self.tokenizer = build_tokenizer(cfg)  # its pad token is set (EOS when it has none)
         self.vision = load_tower(m.vision, m.vision_config, m.image_size)
         text_config = {"vocab_size": len(self.tokenizer), **m.text_config}
         self.lm = load_tower(m.text, text_config if not m.text else {})
         grid = self.vision.image_size // self.vision.patch_size
-        p = m.projector
+        p = t.projector
         factor = p.pixel_shuffle or choose_shuffle(grid, p.image_tokens)
         if grid % factor:
             raise ConfigError(
-                f"model.projector.pixel_shuffle={factor} does not divide the vision tower's "
+                f"task.projector.pixel_shuffle={factor} does not divide the vision tower's "
                 f"{grid}x{grid} patch grid ({self.vision.image_size} px / patch "
                 f"{self.vision.patch_size})"
             )
@@ -53,33 +99,47 @@ class VLMTask(nn.Module):
         self.image_token_id = self.processor.image_pad_id
         self.end_of_turn_id = self.processor.im_end
         self.projector = Projector(self.vision.hidden_size, self.lm.hidden_size, factor, p.kind)
-        self.cfg = cfg
         if t.init_from and not _on_meta(self):
             self.load_previous_stage(t.init_from)
-        self.set_trainable(t.stage, t.lm_tuning, t.train_vision)
-        if t.stage == 2 and t.lm_tuning == "lora":
-            from ..lora import add_lora
-
+        if t.stage == "sft" and t.lm_tuning == "lora":
             add_lora(self.lm, t.lora)
-        self.train_decoder, self.eval_decoder = self.sample_decoders(cfg)
+        d = cfg.data
+        common = dict(
+            image_size=self.vision.image_size,
+            mean=self.vision.image_mean,
+            std=self.vision.image_std,
+            max_images=d.max_images,
+            max_pixels=d.max_pixels,
+        )
+        self.train_decoder = VLMTrainDecoder(self.processor, max_seq_len=d.max_seq_len, **common)
+        self.eval_decoder = VLMEvalDecoder(self.processor, **common)
+
+    def blocks(self) -> dict[str, nn.ModuleList]:
+        return {"vision": self.vision.blocks, "lm": self.lm.layers}
+
+    def tokens_per_sample(self) -> dict[str, int]:
+        return {"vision": self.vision.num_tokens, "lm": self.cfg.data.max_seq_len}
+
+    def default_trainable(self) -> list[str]:
+        t = self.cfg.task
+        if t.stage == "align":
+            return ["projector.*"]
+        # sft with LoRA: the base LM stays frozen, its adapters train
+        return ["projector.*", "lm.*.lora_*" if t.lm_tuning == "lora" else "lm.*"]
+
+    def check_config(self) -> None:
+        t = self.cfg.task
+        if t.lm_tuning == "lora" and t.stage != "sft":
+            raise ConfigError("task.lm_tuning=lora needs task.stage=sft (align trains no LM)")
 
     # ------------------------------------------------------------------ stages
     def load_previous_stage(self, run_dir: str) -> None:
         """Every weight of the previous stage's newest checkpoint (vision, projector, LM; LoRA
         adapters merged into the LM). The architecture must be the same."""
-        from ..consolidate import fit_state, run_state
-        from ..lora import merge_lora_state
-
         previous, state = run_state(run_dir)
-        state = merge_lora_state(state, previous.task.lora.alpha)
+        state = merge_lora_state(state, previous["task"].get("lora", {}).get("alpha", 0))
         self.load_state_dict(fit_state(state, self.state_dict(), f"task.init_from={run_dir}"))
         log.info("initialised from %s", run_dir)
-
-    def set_trainable(self, stage: int, lm_tuning: str, train_vision: bool) -> None:
-        self.vision.requires_grad_(train_vision)
-        self.projector.requires_grad_(True)
-        # Stage 2 with LoRA: the base LM stays frozen; add_lora makes the adapters trainable.
-        self.lm.requires_grad_(stage == 2 and lm_tuning == "full")
 
     # ------------------------------------------------------------------ model
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -102,7 +162,12 @@ class VLMTask(nn.Module):
             return embeds + 0.0 * images.sum().to(embeds.dtype)
         return splice_images(embeds, input_ids, images, self.image_token_id)
 
-    def forward(self, batch: dict) -> dict:
+    def loss_weight(self, batch: dict) -> float:
+        """Supervised next-token targets (counted by the packing collate): every token of the
+        global batch weighs the same, however samples were packed or spread over ranks."""
+        return float(batch["supervised_tokens"])
+
+    def forward(self, batch: dict) -> TaskOutput:
         input_ids, labels, segments = batch["input_ids"], batch["labels"], batch["segment_ids"]
         embeds = self.input_embeddings(input_ids, batch["pixel_values"])
         hidden = self.lm(
@@ -112,39 +177,17 @@ class VLMTask(nn.Module):
         # the memory of a small-vocabulary-heavy model (Qwen's 151k vocabulary).
         where = supervised_targets(labels, segments)
         logits = self.lm.lm_head(hidden[:, :-1][where]).float()
-        loss_sum = F.cross_entropy(logits, labels[:, 1:][where], reduction="sum")
-        denominator = batch.get("loss_denominator") or where.sum().clamp(min=1)
-        return {
-            "loss": loss_sum / denominator,
-            "num_samples": batch["num_samples"],
-            "num_tokens": batch["loss_tokens"],
-            "metrics": {"packing_efficiency": batch["real_tokens"] / input_ids.numel()},
-        }
-
-    @torch.no_grad()
-    def answer(self, input_ids, attention_mask, pixel_values, max_new_tokens: int, **options):
-        """New tokens for left-padded prompts [B, T], decoded with the KV cache; `options` are
-        core.models.generation.GenerationConfig fields (greedy by default)."""
-        from ..models.generation import generate
-
-        embeds = self.input_embeddings(input_ids, pixel_values)
-        return generate(
-            self.lm,
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=self.end_of_turn_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            **options,
+        return TaskOutput(
+            loss=F.cross_entropy(logits, labels[:, 1:][where], reduction="sum"),
+            samples=batch["num_samples"],
+            tokens=batch["supervised_tokens"],
+            metrics={"packing_efficiency": batch["real_tokens"] / input_ids.numel()},
         )
 
     def export_hf(self, out, state: dict) -> None:
         """vision/, projector.safetensors, lm/ (adapters merged) and, for LoRA runs, lm_base/ +
         lm_adapter/ (peft) — each loadable without vlscale (`vlscale export`)."""
         from safetensors.torch import save_file
-
-        from .. import models
-        from ..lora import has_lora, merge_lora_state, write_peft_adapter
 
         models.save_pretrained(self.vision, out / "vision")
         projector = {k: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
@@ -162,25 +205,8 @@ class VLMTask(nn.Module):
         if has_lora(lm_state):
             write_peft_adapter(state, "lm.", self.cfg.task.lora, out / "lm_adapter", "../lm_base")
 
-    # ------------------------------------------------------------------ data and evaluation
-    def sample_decoders(self, cfg: Config):
-        from ..data.chat import VLMEvalDecoder, VLMTrainDecoder
-
-        d = cfg.data
-        common = dict(
-            image_size=self.vision.image_size,
-            mean=self.vision.image_mean,
-            std=self.vision.image_std,
-            max_images=d.max_images,
-            max_pixels=d.max_pixels,
-        )
-        train = VLMTrainDecoder(self.processor, max_seq_len=d.max_seq_len, **common)
-        evaluation = VLMEvalDecoder(self.processor, **common)
-        return train, evaluation
-
-    def packed_collate(self):
-        from ..data.packing import PackedCollate
-
+    # ------------------------------------------------------------------ data
+    def packed_collate(self) -> PackedCollate:
         return PackedCollate(
             self.cfg.data.max_seq_len,
             self.tokenizer.pad_token_id,
@@ -188,37 +214,87 @@ class VLMTask(nn.Module):
             self.tokens_per_image,
         )
 
-    def prompt_collate(self):
+    def prompt_collate(self) -> PromptCollate:
         """Left-padded prompts for generation (evaluation, `vlscale generate`)."""
-        from ..data.packing import PromptCollate
-
         return PromptCollate(
             self.tokenizer.pad_token_id, self.image_token_id, self.tokens_per_image
         )
 
-    def train_stream(self, cfg: Config, dist):
-        from .common import make_stream
-
+    def train_stream(self, dist):
         return make_stream(
-            cfg, dist, cfg.data.train, self.train_decoder, train=True,
-            collate=self.packed_collate(), mixture=cfg.data.mixture,
+            self.cfg, dist, self.cfg.data.train, self.train_decoder, train=True,
+            collate=self.packed_collate(), mixture=self.cfg.data.mixture,
         )  # fmt: skip
 
-    def evaluate(self, cfg: Config, dist) -> dict:
-        from ..evaluate_vlm import evaluate_vlm
+    def _val_mixture(self, subsets: list[str] | None = None) -> dict | None:
+        """Each validation subset once (`subsets`, default the training mixture's)."""
+        if "{subset}" not in self.cfg.data.val:
+            return None
+        return dict.fromkeys(subsets or self.cfg.data.mixture)
 
-        return evaluate_vlm(self, cfg, dist)
+    def val_stream(self, dist, batch_size: int):
+        return make_stream(
+            self.cfg, dist, self.cfg.data.val, self.train_decoder, train=False,
+            collate=self.packed_collate(), mixture=self._val_mixture(), batch_size=batch_size,
+        )  # fmt: skip
 
-    def generation_samples(self, cfg: Config, dist) -> list[dict]:
-        from ..evaluate_vlm import generation_samples
+    # ------------------------------------------------------------------ generation
+    def prompt_stream(self, dist, batch_size: int, subsets: list[str]):
+        return make_stream(
+            self.cfg, dist, self.cfg.data.val, self.eval_decoder, train=False,
+            collate=self.prompt_collate(), mixture=self._val_mixture(subsets),
+            batch_size=batch_size,
+        )  # fmt: skip
 
-        return generation_samples(self, cfg, dist)
+    def prompt_batch(self, items: list[tuple[str, list[bytes]]]) -> dict:
+        samples = []
+        for prompt, images in items:
+            pixels = [self.eval_decoder.load_image(data) for data in images]
+            ids = self.processor.prompt([{"user": prompt, "assistant": ""}], len(images))
+            size = self.vision.image_size
+            samples.append({
+                "prompt_ids": torch.tensor(ids),
+                "pixel_values": torch.stack(pixels) if pixels else torch.empty(0, 3, size, size),
+            })  # fmt: skip
+        return self.prompt_collate()(samples)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int, **options) -> list[str]:
+        """Left-padded prompts decoded with the KV cache up to the end of the turn."""
+        tokens = self.generate_tokens(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], max_new_tokens,
+            **options,
+        )  # fmt: skip
+        return decode_until(self.tokenizer, tokens.cpu(), self.end_of_turn_id)
+
+    @torch.no_grad()
+    def generate_tokens(self, input_ids, attention_mask, pixel_values, max_new_tokens: int,
+                        **options) -> torch.Tensor:  # fmt: skip
+        """New tokens [B, <= max_new_tokens] for left-padded prompts [B, T]."""
+        embeds = self.input_embeddings(input_ids, pixel_values)
+        return generate(
+            self.lm,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.end_of_turn_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+            **options,
+        )
+
+
+def decode_until(tokenizer, tokens: torch.Tensor, stop_id: int) -> list[str]:
+    """Each row's text up to (not including) its first `stop_id`."""
+    answers = []
+    for row in tokens.tolist():
+        if stop_id in row:
+            row = row[: row.index(stop_id)]
+        answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    return answers
 
 
 def chat_processor(tokenizer, tokens_per_image: int, data):
     """The ChatML processor; a tokenizer without Qwen's chat and vision tokens is a config error."""
-    from ..data.chat import ChatProcessor
-
     try:
         return ChatProcessor(tokenizer, tokens_per_image, data.system_prompt or None)
     except ValueError as err:

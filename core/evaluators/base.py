@@ -1,0 +1,96 @@
+"""The evaluator contract. An evaluator is declared in the recipe (`eval.evaluators`), built
+once per run, and called with the task (full weights, eval mode, no grad) at every evaluation it
+is due. It uses only the task contract (core/tasks/base.py): `val_stream`, and the capability
+mixins it `requires`.
+
+Every rank calls every due evaluator (each rank computes on its share of the split: a collective
+inside an evaluator is matched on every rank); the metrics rank 0 returns are logged as `eval/<k>`
+and written to eval.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .. import distributed
+from ..config import Config
+from ..distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    """Options every evaluator has; each extends this with its own."""
+
+    every: int = 0  # steps between runs; 0 = eval.every
+
+
+@dataclass
+class EvalContext:
+    cfg: Config
+    dist: DistInfo
+    step: int
+    run_dir: Path
+    tables: dict[str, list[dict]] = field(default_factory=dict)  # name -> rows, logged as tables
+    cache: dict[str, Any] = field(default_factory=dict)  # shared by the evaluators of one round
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.eval.batch_size
+
+    def batches(self, stream) -> Iterator[dict]:
+        for batch in stream:
+            yield distributed.to_device(batch, self.dist.device)
+
+
+class Evaluator(ABC):
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+    requires: ClassVar[tuple[type, ...]] = ()  # capability mixins the task must have
+
+    def __init__(self, options: Options):
+        self.options = options
+
+    @abstractmethod
+    def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
+        """Metrics (rank 0's are the ones logged; other ranks may return {})."""
+
+
+def embed_val_split(task, ctx: EvalContext):
+    """(image features, text features, attributes) of the whole validation split on rank 0, in
+    key order, each sample once (None on other ranks). Every rank embeds its share; computed
+    once per evaluation round for the evaluators that share it (retrieval, zeroshot)."""
+    if "embeddings" in ctx.cache:
+        return ctx.cache["embeddings"]
+    keys, images, texts, attrs = [], [], [], []
+    for batch in ctx.batches(task.val_stream(ctx.dist, ctx.batch_size)):
+        images.append(task.encode_image(batch["pixel_values"]).float().cpu())
+        texts.append(task.encode_text(batch["input_ids"], batch["attention_mask"]).float().cpu())
+        keys += batch["key"]
+        attrs += batch.get("attributes", [None] * len(batch["key"]))
+    local = (keys, torch.cat(images) if images else None, torch.cat(texts) if texts else None,
+             attrs)  # fmt: skip
+    gathered = distributed.all_gather_object(local)
+    result = None
+    if ctx.dist.is_main:
+        by_key: dict[str, tuple] = {}  # a sample read by two ranks (uneven shards) counts once
+        for k_list, img, txt, att in gathered:
+            for i, key in enumerate(k_list):
+                by_key[key] = (img[i], txt[i], att[i])
+        order = sorted(by_key)
+        if order:
+            result = (
+                torch.stack([by_key[k][0] for k in order]),
+                torch.stack([by_key[k][1] for k in order]),
+                [by_key[k][2] for k in order],
+            )
+    ctx.cache["embeddings"] = result
+    return result

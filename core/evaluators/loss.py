@@ -1,0 +1,21 @@
+"""`loss`: the training objective over the whole validation split (teacher-forced for LMs),
+weighted exactly as in training: sum of losses / sum of `loss_weight` over every rank's batches."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import distributed
+from .base import EvalContext, Evaluator
+
+
+class LossEvaluator(Evaluator):
+    name = "loss"
+
+    def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in ctx.batches(task.val_stream(ctx.dist, ctx.batch_size)):
+            weight = task.loss_weight(batch)
+            total += torch.tensor([float(task(batch).loss), float(weight)], dtype=torch.float64)
+        loss_sum, weight = distributed.all_reduce_sum(list(total.to(ctx.dist.device)))
+        return {"loss": loss_sum / weight} if weight > 0 else {}

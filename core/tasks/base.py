@@ -1,0 +1,203 @@
+"""The task contract: everything the loop, the engines, the evaluators and the commands may rely
+on. A new recipe is one YAML plus, when no existing kind fits, one task file like this:
+
+    @dataclass
+    class MyConfig(TaskConfig):          # the recipe's `task:` section for this kind
+        heads: int = 1
+
+    @register_task
+    class MyTask(Task):
+        kind = "mine"                     # task.kind: mine
+        Config = MyConfig
+        DataConfig = MyDataConfig         # optional: the `data:` fields only this kind reads
+
+        def __init__(self, cfg): ...      # build modules (random init is seeded by the loop)
+        def blocks(self): ...             # {"vision": self.vision.blocks}
+        def train_stream(self, dist): ... # a ShardStream of batches
+        def forward(self, batch): ...     # -> TaskOutput
+
+What the loop does with a task (core/loop.py), and so what each method must guarantee:
+
+1. `build_task(cfg)` calls `Kind(cfg)` with the same seed on every rank (identical initial
+   weights), then applies the trainable patterns (`default_trainable()`, or the recipe's
+   `task.trainable`, minus `task.freeze`): parameters that do not match get requires_grad=False,
+   no gradients and no optimizer state. It is the one freezing mechanism.
+2. The engine wraps the task. It applies activation checkpointing and compile to, and shards
+   (FSDP2: one unit per block), exactly the blocks that `blocks()` declares; a tower none of
+   whose parameters train is sharded as one unit.
+3. Each optimizer step takes `optim.accum_steps` micro-batches per rank. Before any forward the
+   loop sums `loss_weight(batch)` over them and over ranks (one all-reduce): the step's gradient
+   is that of sum(forward(batch).loss) / that total. So `forward` returns the *sum* of its
+   per-unit losses and `loss_weight` how many units it summed: supervised tokens for an LM (every
+   token of the global batch counts equally, whatever the packing), or 1 (the default) for a
+   loss that is already a mean over its micro-batch (then micro-batches count equally). The
+   weight is read from the batch before the forward because the total must be known before the
+   first backward; the loop logs sum(loss) / total, the honest mean.
+4. Under zero3 and fsdp parameters are gathered module by module collectively: every rank must
+   run the same modules in the same order on every micro-batch, whatever its batch holds.
+5. Evaluators (core/evaluators/) get the task with full weights in eval mode and use only this
+   contract: `val_stream` for the loss, and the capability mixins below for the rest.
+
+Optional capabilities are declared by inheriting a mixin (never probed with hasattr):
+`ImageTextEmbedder` (retrieval, zero-shot), `Generative` (VQA, generation samples, `vlscale
+generate`). `export_hf` (`vlscale export`) has a default that writes nothing beyond the full
+state dict, which the command always writes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, DataConfig, TaskConfig
+
+
+class TaskOutput(NamedTuple):
+    """What `Task.forward` returns for one micro-batch. A NamedTuple because the engines' module
+    hooks (FSDP2's pytree, ZeRO-3's output hooks) must see the tensors inside it."""
+
+    loss: torch.Tensor  # the sum of per-unit losses; `loss_weight(batch)` units (see above)
+    samples: int | torch.Tensor = 0  # samples in this micro-batch (throughput)
+    tokens: int | torch.Tensor = 0  # tokens processed (throughput)
+    metrics: Mapping[str, Any] = MappingProxyType({})  # scalars, logged as they are
+
+
+class Task(nn.Module, ABC):
+    """A model and its objective. Subclasses set `kind` and `Config` (and `DataConfig` when they
+    read data fields of their own), and implement the abstract methods."""
+
+    kind: ClassVar[str]
+    Config: ClassVar[type[TaskConfig]] = TaskConfig
+    DataConfig: ClassVar[type[DataConfig]] = DataConfig
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ what it builds
+    @abstractmethod
+    def blocks(self) -> dict[str, nn.ModuleList]:
+        """Submodule name (as in named_modules) -> its transformer blocks: the units engines
+        shard, activation-checkpoint and compile."""
+
+    def tokens_per_sample(self) -> dict[str, int]:
+        """Each `blocks()` tower's sequence length for one sample at the configured sizes (the
+        most a sample may have): what `vlscale plan` sizes activations with."""
+        raise NotImplementedError(f"task.kind={self.kind} does not declare tokens_per_sample")
+
+    def default_trainable(self) -> list[str]:
+        """Parameter-name patterns trained unless the recipe sets `task.trainable`."""
+        return ["*"]
+
+    def check_config(self) -> None:  # noqa: B027 - optional hook
+        """Cross-field checks of this kind's config (raise ConfigError)."""
+
+    # ------------------------------------------------------------------ data and objective
+    @abstractmethod
+    def train_stream(self, dist):
+        """The training batches of this rank (a resumable ShardStream)."""
+
+    def val_stream(self, dist, batch_size: int):
+        """The validation split decoded as training batches, once (the loss evaluator's)."""
+        raise ConfigError(f"task.kind={self.kind} has no validation stream")
+
+    @abstractmethod
+    def forward(self, batch: dict) -> TaskOutput:
+        """One micro-batch -> the sum of its losses (see `loss_weight`) and metrics."""
+
+    def loss_weight(self, batch: dict) -> float:
+        """How many units `forward(batch).loss` sums over (read before the forward)."""
+        return 1.0
+
+    # ------------------------------------------------------------------ results
+    def export_hf(self, out: Path, state: dict[str, torch.Tensor]) -> None:  # noqa: B027
+        """Write the task's towers in Hugging Face layout under `out` (`vlscale export`)."""
+
+
+class ImageTextEmbedder(ABC):
+    """Capability: L2-normalised image and text embeddings in one space (retrieval, zero-shot).
+    `val_stream` batches carry pixel_values, input_ids, attention_mask, key and attributes."""
+
+    @abstractmethod
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    @abstractmethod
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask of free texts (class prompts), exactly as captions are."""
+
+
+class Generative(ABC):
+    """Capability: answers questions about images (VQA evaluation, generation samples,
+    `vlscale generate`)."""
+
+    @abstractmethod
+    def prompt_stream(self, dist, batch_size: int, subsets: list[str]):
+        """This rank's share of the validation questions, once: batches of prompts ready for
+        `generate`, plus `key`, `source` (subset) and `answer` (reference) lists."""
+
+    @abstractmethod
+    def prompt_batch(self, items: list[tuple[str, list[bytes]]]) -> dict:
+        """(question, encoded images) pairs -> one batch for `generate`."""
+
+    @abstractmethod
+    def generate(self, batch: dict, max_new_tokens: int, **options) -> list[str]:
+        """Decoded answers; `options` are core.models.generation.GenerationConfig fields."""
+
+
+# ---------------------------------------------------------------------------- registry
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: `task.kind: <cls.kind>` builds `cls`. A test or a plugin may register
+    its own kind without changing core/."""
+    if not issubclass(cls.Config, TaskConfig) or not issubclass(cls.DataConfig, DataConfig):
+        raise TypeError(f"{cls.__name__}: Config/DataConfig must extend TaskConfig/DataConfig")
+    TASKS[cls.kind] = cls
+    return cls
+
+
+def task_class(kind: str) -> type[Task]:
+    if kind not in TASKS:
+        raise ConfigError(f"task.kind={kind!r} is not a task; valid kinds: {', '.join(TASKS)}")
+    return TASKS[kind]
+
+
+def build_task(cfg: Config) -> Task:
+    """The recipe's task, with its trainable parameters set (see the module docstring)."""
+    task = task_class(cfg.task.kind)(cfg)
+    task.check_config()
+    set_trainable(task, cfg.task.trainable or task.default_trainable(), cfg.task.freeze)
+    return task
+
+
+def set_trainable(model: nn.Module, trainable: list[str], freeze: list[str]) -> None:
+    """requires_grad = the name matches a `trainable` pattern and no `freeze` pattern. A pattern
+    that matches nothing is an error (a typo would silently train or freeze the wrong thing)."""
+    names = [name for name, _ in model.named_parameters()]
+    for key, patterns in (("task.trainable", trainable), ("task.freeze", freeze)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                tops = sorted({n.split(".")[0] for n in names})
+                raise ConfigError(
+                    f"{key}: {pattern!r} matches no parameter; names start with "
+                    f"{', '.join(t + '.' for t in tops)} (e.g. {names[0]!r})"
+                )
+    for name, param in model.named_parameters():
+        train = any(fnmatch.fnmatchcase(name, p) for p in trainable)
+        param.requires_grad_(train and not any(fnmatch.fnmatchcase(name, p) for p in freeze))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"task.trainable={trainable} minus task.freeze={freeze} trains nothing")
