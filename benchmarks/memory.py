@@ -86,8 +86,8 @@ def measure_engine(kind: str, overrides: list[str]) -> dict:
     n_params = sum(p.numel() for p in task.parameters())
     n_trained = sum(p.numel() for p in task.parameters() if p.requires_grad)
     engine = build_engine(task, cfg, dist, cfg.optim.lr, 10)
-    batches = iter(task.train_stream(cfg, dist))
-    train_step(engine, batches, 1, dist)  # optimizer state exists from here
+    batches = iter(task.train_stream(dist))
+    train_step(task, engine, batches, 1, dist)  # optimizer state exists from here
     engine.forward_backward(next(batches), 1.0, sync=True)  # gradients held for a step
     out = model_state_bytes(engine)
     engine.step(loss_is_finite=True)
@@ -116,11 +116,11 @@ def activation_bytes(task: torch.nn.Module, batch: dict, repeats: int = 3) -> in
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            loss = task(batch)["loss"]
+            loss = task(batch).loss
             held = torch.cuda.max_memory_allocated() - before
         else:
             before = _heap_in_use()
-            loss = task(batch)["loss"]
+            loss = task(batch).loss
             held = _heap_in_use() - before
         loss.backward()
         del loss
@@ -146,7 +146,7 @@ def measure_activations(overrides: list[str], batch_size: int) -> dict[str, int]
     for mode in ("none", "every_k", "full"):
         torch.manual_seed(0)
         task = build_task(cfg)
-        apply_activation_checkpointing(task, mode, every_k=2)
+        apply_activation_checkpointing(task.blocks(), mode, every_k=2)
         out[mode] = activation_bytes(task, batch)
     return out
 

@@ -30,7 +30,7 @@ from core.tasks import build_task
 
 
 def bare_step(model, optimizer, batch, clip: float) -> None:
-    loss = model(batch)["loss"]
+    loss = model(batch).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
@@ -66,7 +66,7 @@ def main() -> None:
     engine = build_engine(task, cfg, dist, cfg.optim.lr, cfg.optim.max_steps)
     optimizer = build_optimizer(bare, cfg.optim, cfg.optim.lr)
 
-    stream = task.train_stream(cfg, dist)
+    stream = task.train_stream(dist)
     batches = list(itertools.islice(iter(stream), 8))
     print(f"tiny_siglip, batch {cfg.data.batch_size}, {args.rounds} rounds x {args.steps} steps")
 
@@ -74,7 +74,7 @@ def main() -> None:
         cycle = itertools.cycle(batches)
         start = time.perf_counter()
         for _ in range(args.steps):
-            train_step(engine, cycle, 1, dist)
+            train_step(task, engine, cycle, 1, dist)
         return time.perf_counter() - start
 
     def time_bare() -> float:
@@ -97,10 +97,10 @@ def main() -> None:
 
     live = iter(stream)
     for _ in range(3):  # let the workers fill their prefetch queues
-        train_step(engine, live, 1, dist)
+        train_step(task, engine, live, 1, dist)
     waited, start = 0.0, time.perf_counter()
     for _ in range(args.steps * 2):
-        waited += train_step(engine, live, 1, dist).data_wait
+        waited += train_step(task, engine, live, 1, dist).data_wait
     frac = waited / (time.perf_counter() - start)
     print(f"data wait with {args.workers} workers: {100 * frac:.1f}% of step time  (goal < 5%)")
 

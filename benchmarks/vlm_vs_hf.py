@@ -161,9 +161,13 @@ def build_ours(root: Path, args) -> tuple[VLMTask, object]:
                 "vision": str(root / "vision"),
                 "text": str(root / "lm"),
                 "tokenizer": str(root / "tokenizer"),
-                "projector": {"kind": "linear", "pixel_shuffle": 2},
             },
-            "task": {"kind": "vlm", "stage": 2, "lm_tuning": "full", "train_vision": False},
+            "task": {
+                "kind": "vlm",
+                "stage": "sft",
+                "lm_tuning": "full",
+                "projector": {"kind": "linear", "pixel_shuffle": 2},
+            },  # fmt: skip
             "data": {"batch_size": args.batch_size, "max_seq_len": args.max_seq_len},
             "optim": {
                 "lr": args.lr,
@@ -399,7 +403,8 @@ def main() -> None:
 
     # Same weights, same function: the loss of the first batch on both sides.
     with torch.no_grad():
-        loss_ours = float(ours(pack(chunks[0]))["loss"])
+        first = pack(chunks[0])  # the task returns a sum over its supervised tokens
+        loss_ours = float(ours(first).loss) / ours.loss_weight(first)
         loss_theirs = float(theirs(**pad(chunks[0])).loss)
     pad.stats.clear()
 
@@ -417,7 +422,7 @@ def main() -> None:
 
     def our_step() -> tuple[float, float]:
         start = clocks()
-        result = train_step(engine, stream, 1, dist)
+        result = train_step(ours, engine, stream, 1, dist)
         elapsed = tuple(b - a for a, b in zip(start, clocks()))
         our_tokens.append(result.tokens)
         return elapsed
@@ -510,7 +515,7 @@ def main() -> None:
         packed, padded = pack(batch), pad(batch)
 
         def ours_fwd_bwd():
-            ours(packed)["loss"].backward()
+            (ours(packed).loss / ours.loss_weight(packed)).backward()
             ours.zero_grad(set_to_none=True)
 
         def theirs_fwd_bwd():

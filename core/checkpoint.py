@@ -117,14 +117,14 @@ class Checkpointer:
         checkpoints, DDP's full replica). Every other per-rank entry comes back as a
         `SavedRanks` sequence over all saved ranks (the data stream continues from them; RNG
         states belong to the old ranks and are not restored)."""
-        if not getattr(engine, "can_reshard", False):
-            can = ", ".join(k for k, cls in ENGINES.items() if getattr(cls, "can_reshard", False))
+        if not engine.can_reshard:
+            can = ", ".join(k for k, cls in ENGINES.items() if cls.can_reshard)
             raise RuntimeError(
                 f"{path} was written by {saved_world} ranks, this run has "
                 f"{self.dist.world_size}; the {type(engine).__name__} cannot reshard it "
                 f"(engine.kind {can} can)"
             )
-        getattr(engine, "load_resharded", engine.load)(path)
+        engine.load_resharded(path)
         log.warning(
             "%s: written by %d ranks, resumed on %d", path, saved_world, self.dist.world_size
         )

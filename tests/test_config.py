@@ -143,3 +143,76 @@ def test_unknown_recipe_name_lists_known():
 def test_bad_override_syntax(recipe):
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(recipe, ["optim.lr"])
+
+
+# ---------------------------------------------------------------- a config per task kind
+
+
+def test_task_kind_selects_its_sections(recipe):
+    from core.tasks.siglip import ImageTextDataConfig, SigLIPConfig
+    from core.tasks.vlm import VLMConfig, VLMDataConfig
+
+    siglip = load_config(recipe)  # kind defaults to siglip: its sections, all defaults
+    assert type(siglip.task) is SigLIPConfig and type(siglip.data) is ImageTextDataConfig
+    vlm = load_config(recipe, ["task.kind=vlm", "task.stage=sft", "data.max_seq_len=64"])
+    assert type(vlm.task) is VLMConfig and type(vlm.data) is VLMDataConfig
+    assert vlm.task.stage == "sft" and vlm.data.max_seq_len == 64
+    again = config_from_dict(yaml.safe_load(vlm.to_yaml()))
+    assert again == vlm and type(again.task) is VLMConfig
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["task.stage=sft"], r"unknown key 'task.stage'.*belongs to task.kind vlm"),
+        (["data.max_seq_len=64"], r"'data.max_seq_len' belongs to task.kind vlm"),
+        (["task.kind=vlm", "task.embed_dim=8"], r"'task.embed_dim' belongs to task.kind siglip"),
+        (["task.kind=vlm", "task.stage=2"], r"task.stage: expected 'align' \| 'sft', got 2"),
+        (["task.kind=nope"], r"task.kind='nope' is not a task; valid kinds: siglip, vlm"),
+        (["engine.freeze=[vision]"], r"'engine.freeze' moved to task.freeze"),
+        (["eval.zeroshot=false"], r"'eval.zeroshot' moved to eval.evaluators"),
+        (["engine.kind=zero4"], r"'zero4' is not an engine; valid: ddp, zero2, zero3, fsdp"),
+    ],
+)
+def test_keys_of_another_kind_or_moved_keys_say_where_they_belong(recipe, overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(recipe, overrides)
+
+
+def test_a_yaml_key_of_another_kind_is_an_error(tmp_path):
+    path = tmp_path / "mixed.yaml"
+    path.write_text(MINIMAL + "task:\n  kind: siglip\n  lm_tuning: lora\n")
+    with pytest.raises(ConfigError, match=r"valid keys: kind, trainable, freeze, embed_dim"):
+        load_config(path)
+
+
+def test_evaluators_are_resolved_with_every_option(recipe):
+    cfg = load_config(recipe, ["eval.evaluators=[retrieval, {zeroshot: {every: 50}}]"])
+    assert cfg.eval.evaluators == [
+        {"retrieval": {"every": 0, "ks": [1, 5, 10]}},
+        {"zeroshot": {"every": 50, "classes": "shapes"}},
+    ]
+
+
+@pytest.mark.parametrize(
+    "declared, expected",
+    [
+        ("[retrievl]", r"no evaluator 'retrievl'; valid: loss, retrieval, zeroshot, vqa"),
+        ("[{retrieval: {k: [1]}}]", r"unknown key 'eval.evaluators.retrieval.k'.*'.*ks'"),
+        ("[{zeroshot: {classes: imagenet}}]", r"zeroshot.classes='imagenet'; known: shapes"),
+        ("[vqa]", r"'vqa' needs a task that is Generative.*task.kind=siglip is not"),
+        ("[loss, loss]", r"'loss' is declared twice"),
+        ("[[loss]]", r"expected a name or \{name: \{options\}\}"),
+    ],
+)
+def test_bad_evaluator_declarations_are_clear_errors(recipe, declared, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(recipe, [f"eval.evaluators={declared}"])
+
+
+def test_every_recipe_loads(tmp_path):
+    from core.config import RECIPES_DIR
+
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.eval.evaluators, f"{path.name} declares no evaluators"

@@ -274,10 +274,10 @@ dist = init_distributed("gloo")
 seed_everything(0)
 task = build_task(cfg)
 engine = build_engine(task, cfg, dist, 1e-3, 10)
-stream = task.train_stream(cfg, dist)
+stream = task.train_stream(dist)
 batches = iter(stream)
 for _ in range(2):
-    result = train_step(engine, batches, 1, dist)
+    result = train_step(task, engine, batches, 1, dist)
     assert result.stepped
 frozen = [p for n, p in task.named_parameters() if n.startswith("vision.")]
 trained = [p for n, p in task.named_parameters() if not n.startswith("vision.")]

@@ -16,6 +16,12 @@ class Engine:
     precision, n, t, w)` and `offloads`. `register_engine` checks those three."""
 
     autocast_dtype: torch.dtype | None = None
+    can_reshard: bool = False  # its checkpoints load into another world size (load_resharded)
+
+    def load_resharded(self, directory) -> None:
+        """Load a checkpoint written by another number of ranks (only if `can_reshard`). Formats
+        that are independent of the world size (a full replica, DCP) load as they are."""
+        self.load(directory)
 
     def autocast(self):
         """bf16 autocast when the run is bf16 (DDP trains in it; sharded engines evaluate in it)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import ConfigError, build_section
-from .base import EvalContext, Evaluator, Options, embed_val_split
+from .base import EmbeddingEvaluator, EvalContext, Evaluator, Options, embed_val_split
 from .generation import GenerationEvaluator
 from .loss import LossEvaluator
 from .retrieval import RetrievalEvaluator
@@ -96,6 +96,7 @@ def build_evaluators(declared: list, task) -> list[Evaluator]:
 
 __all__ = [
     "EVALUATORS",
+    "EmbeddingEvaluator",
     "EvalContext",
     "Evaluator",
     "Options",

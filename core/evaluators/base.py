@@ -22,6 +22,7 @@ import torch
 from .. import distributed
 from ..config import Config
 from ..distributed import DistInfo
+from ..tasks.base import ImageTextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,21 @@ class Evaluator(ABC):
     @abstractmethod
     def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
         """Metrics (rank 0's are the ones logged; other ranks may return {})."""
+
+
+class EmbeddingEvaluator(Evaluator):
+    """An evaluator of the validation split's image and text embeddings (computed once per
+    round for all of them, see `embed_val_split`); rank 0 scores them."""
+
+    requires = (ImageTextEmbedder,)
+
+    def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
+        split = embed_val_split(task, ctx)
+        return {} if split is None else self.score(task, ctx, *split)
+
+    @abstractmethod
+    def score(self, task, ctx: EvalContext, image, text, attributes: list) -> dict[str, float]:
+        """Metrics of image [n, d] and text [n, d] features (pairs by row) and their metadata."""
 
 
 def embed_val_split(task, ctx: EvalContext):

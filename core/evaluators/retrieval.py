@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..metrics import retrieval_metrics
-from ..tasks.base import ImageTextEmbedder
-from .base import EvalContext, Evaluator, Options, embed_val_split
+from .base import EmbeddingEvaluator, Options
 
 
 @dataclass
@@ -15,14 +14,9 @@ class RetrievalOptions(Options):
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
 
 
-class RetrievalEvaluator(Evaluator):
+class RetrievalEvaluator(EmbeddingEvaluator):
     name = "retrieval"
     Options = RetrievalOptions
-    requires = (ImageTextEmbedder,)
 
-    def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
-        split = embed_val_split(task, ctx)
-        if split is None:
-            return {}
-        image, text, _ = split
+    def score(self, task, ctx, image, text, attributes) -> dict[str, float]:
         return retrieval_metrics(image, text, ks=tuple(self.options.ks))

@@ -12,8 +12,7 @@ import torch
 from ..config import ConfigError
 from ..data import CLASS_PROBLEMS
 from ..metrics import zeroshot_accuracy
-from ..tasks.base import ImageTextEmbedder
-from .base import EvalContext, Evaluator, Options, embed_val_split
+from .base import EmbeddingEvaluator, Options
 
 log = logging.getLogger(__name__)
 
@@ -22,24 +21,18 @@ log = logging.getLogger(__name__)
 class ZeroshotOptions(Options):
     classes: str = "shapes"
 
-
-class ZeroshotEvaluator(Evaluator):
-    name = "zeroshot"
-    Options = ZeroshotOptions
-    requires = (ImageTextEmbedder,)
-
-    def __init__(self, options: ZeroshotOptions):
-        super().__init__(options)
-        if options.classes not in CLASS_PROBLEMS:
+    def __post_init__(self):  # checked when the recipe loads
+        if self.classes not in CLASS_PROBLEMS:
             raise ConfigError(
-                f"zeroshot.classes={options.classes!r}; known: {', '.join(CLASS_PROBLEMS)}"
+                f"zeroshot.classes={self.classes!r}; known: {', '.join(CLASS_PROBLEMS)}"
             )
 
-    def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
-        split = embed_val_split(task, ctx)
-        if split is None:
-            return {}
-        image, _, attributes = split
+
+class ZeroshotEvaluator(EmbeddingEvaluator):
+    name = "zeroshot"
+    Options = ZeroshotOptions
+
+    def score(self, task, ctx, image, text, attributes) -> dict[str, float]:
         if any(not isinstance(a, dict) for a in attributes):
             log.warning("zeroshot: validation samples carry no %s metadata; skipped",
                         self.options.classes)  # fmt: skip

@@ -60,9 +60,9 @@ class SigLIPTask(Task, ImageTextEmbedder):
         self.text_pooling = t.text_pooling
         self.text_mask_kind = t.text_attention
         self.loss_chunk_size = t.loss_chunk_size or None
-        if t.pooling == "map" and not getattr(self.vision, "has_head", False):
+        if t.pooling == "map" and not self.vision.has_head:
             raise ValueError("task.pooling=map needs a SigLIP vision tower with its attention head")
-        if t.pooling == "cls" and not getattr(self.vision, "has_cls_token", False):
+        if t.pooling == "cls" and not self.vision.has_cls_token:
             raise ValueError("task.pooling=cls needs a vision tower with a CLS token (ViT)")
         self.image_proj = nn.Linear(self.vision.hidden_size, t.embed_dim, bias=False)
         self.text_proj = nn.Linear(self.text.hidden_size, t.embed_dim, bias=False)
@@ -93,7 +93,7 @@ class SigLIPTask(Task, ImageTextEmbedder):
         elif self.image_pooling == "cls":
             pooled = hidden[:, 0]
         else:
-            tokens = hidden[:, 1:] if getattr(self.vision, "has_cls_token", False) else hidden
+            tokens = hidden[:, 1:] if self.vision.has_cls_token else hidden
             pooled = pool_tokens(tokens, None, self.image_pooling)
         return F.normalize(self.image_proj(pooled).float(), dim=-1)
 

@@ -151,7 +151,7 @@ class VLMTask(Task, Generative):
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
             features = self.vision(pixel_values)
-        if getattr(self.vision, "has_cls_token", False):
+        if self.vision.has_cls_token:
             features = features[:, 1:]
         return self.projector(features)
 
