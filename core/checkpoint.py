@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import ConfigError
 from .distributed import DistInfo, barrier, broadcast_object
 from .engines import ENGINES
 
@@ -103,14 +104,18 @@ class Checkpointer:
         return final
 
     def load(self, path: Path, engine) -> tuple[int, dict]:
-        """Restore engine state and this rank's RNG; returns (step, this rank's extra state)."""
+        """Restore engine state and this rank's RNG; returns (step, extra state): each per-rank
+        entry (the data position) as the `SavedRanks` sequence of every saved rank's value,
+        whatever the world size. The data stream continues from them exactly, or from the next
+        epoch when its layout changed (data.num_workers, the global micro-batch), which a
+        resume on the same number of ranks may do too (core.config.RESUME_MAY_CHANGE)."""
         meta = json.loads((path / "meta.json").read_text())
         if meta["world_size"] != self.dist.world_size:
             return meta["step"], self._load_resharded(path, meta["world_size"], engine)
         engine.load(path)
         state = _load_rank(path, self.dist.rank)
         set_rng_state(state.pop("rng"))
-        return meta["step"], state
+        return meta["step"], {key: SavedRanks(path, meta["world_size"], key) for key in state}
 
     def _load_resharded(self, path: Path, saved_world: int, engine) -> dict:
         """Another world size: the engine reshards model and optimizer (DCP, DeepSpeed universal
@@ -143,6 +148,29 @@ class Checkpointer:
         if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"resume={resume}: not a complete checkpoint (no meta.json)")
         return path
+
+    def check_config(self, path: Path, cfg, compare) -> dict:
+        """Before anything is written: the config resuming checkpoint `path` against the config
+        of the run that wrote it, by `compare(path, run_dir, cfg, world_size)`
+        (core.recipe.config_changes). Rank 0 compares; every rank raises the same ConfigError,
+        or returns the changes resume_changes=allow let through."""
+        outcome, failure = None, None
+        if self.dist.is_main:
+            try:
+                changes = compare(path, self.root.parent, cfg, self.dist.world_size)
+                outcome = ("ok", changes)
+            except ConfigError as err:
+                outcome = ("error", str(err))
+            except Exception as err:  # noqa: BLE001 - no rank may wait for rank 0 forever
+                outcome, failure = ("failed", f"{type(err).__name__}: {err}"), err
+        status, value = broadcast_object(outcome)
+        if failure is not None:
+            raise failure
+        if status == "failed":
+            raise RuntimeError(f"rank 0 could not compare the config with the run's: {value}")
+        if status == "error":
+            raise ConfigError(value)
+        return value
 
     def _prune(self) -> None:
         for _, path in list_checkpoints(self.root)[: -self.keep]:

@@ -81,7 +81,11 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-4
-    lr_base_batch: int = 0  # >0: lr is scaled by global_batch / lr_base_batch
+    lr_base_batch: int = 0  # >0: lr (and each lr_groups lr) is scaled by global_batch / this
+    # {pattern: lr}, e.g. {projector: 1e-3, vision: 2e-6}: a pattern matches a parameter name or
+    # what lies below it (projector = projector.*; fnmatch globs), the first one that matches
+    # wins, in order written; trained parameters that none matches use `lr`.
+    lr_groups: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -125,8 +129,14 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 10
+    every: int = 10  # steps between metrics rows (metrics.jsonl, wandb, tensorboard)
+    # Rank 0's progress on stderr: a tqdm bar when stderr is a terminal, otherwise (a SLURM log,
+    # `> log 2>&1`) one plain line per metrics row; plus one line per evaluation. false: neither.
     progress: bool = True
+    tensorboard: bool = False  # event files in RUN_DIR/tensorboard/ (rank 0)
+    # Peak FLOP/s of one device for `mfu`; 0: the table in core/flops.py for known GPUs (none
+    # for CPUs: then only flops_per_s, the achieved model FLOP/s per rank, is logged).
+    peak_flops: float = 0.0
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -152,6 +162,10 @@ class Config:
     name: str = ""
     run_dir: str = ""  # default runs/<name>
     resume: str = "auto"  # auto | none | path to a checkpoint directory
+    # A resume whose config differs from the run's config.yaml in keys other than those that may
+    # change between jobs (RESUME_MAY_CHANGE below) is refused; allow: the changes take effect
+    # and are logged (config_changed in metrics.jsonl). For this job only.
+    resume_changes: Literal["refuse", "allow"] = "refuse"
     seed: int = 0
     # Modules (`pkg.mod`) or files (`my_task.py`, relative to the recipe) to import before the
     # rest is read: where a task kind or evaluator of your own registers itself.
@@ -214,6 +228,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise bad
         return value
+    if origin is dict:  # e.g. dict[str, float]: every key and value checked
+        if not isinstance(value, dict):
+            raise bad
+        key_tp, value_tp = typing.get_args(tp)
+        return {
+            _coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()
+        }
     if tp is bool:
         if not isinstance(value, bool):
             raise bad
@@ -368,8 +389,199 @@ def validate(cfg: Config) -> None:
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.logging.every >= 1, "logging.every must be >= 1"),
         (len(cfg.optim.betas) == 2, "optim.betas must have two values"),
+        (
+            all(k and k != "default" for k in cfg.optim.lr_groups),
+            "optim.lr_groups: patterns must be non-empty and not 'default' (optim.lr's groups)",
+        ),
+        (
+            all(v >= 0 for v in cfg.optim.lr_groups.values()),
+            f"optim.lr_groups: learning rates must be >= 0, got {cfg.optim.lr_groups}",
+        ),
         (bool(cfg.model.vision or cfg.model.vision_config), "set model.vision or vision_config"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+# ---------------------------------------------------------------------------- resuming
+
+# Keys that may differ between a run's saved config.yaml and the config of a job that resumes
+# one of its checkpoints (the same command again, a requeue, `vlscale submit --resume`) without
+# resume_changes=allow: none changes what the checkpoint holds or what a step computes from it.
+RESUME_MAY_CHANGE = (
+    "run_dir",  # where this job writes: resume=PATH may continue another run's checkpoint
+    "resume",  # how this job finds its checkpoint (a requeue sets resume=auto)
+    "resume_changes",  # this check's own switch, given per job
+    "optim.max_steps",  # where the run ends: the schedule follows the new length from the resume
+    "optim.epochs",  # the same, counted in epochs (it sets max_steps)
+    "optim.max_nonfinite_in_a_row",  # when to give up on non-finite steps, not what a step does
+    "data.num_workers",  # loader processes: the data restarts at the next epoch (logged)
+    "data.val",  # read by evaluators only
+    "data.max_bad_fraction",  # when to give up on bad samples, not which samples are used
+    "engine.activation_checkpointing",  # memory for compute: the same gradients
+    "engine.ac_every_k",  # likewise
+    "engine.compile",  # speed: the same maths (compiled blocks match eager within 1e-4)
+    "engine.reshard_after_forward",  # fsdp: memory for communication, the same maths
+    "checkpoint.*",  # when checkpoints are written and how many are kept
+    "logging.*",  # what is reported, not what is trained
+    "eval.*",  # evaluation reads the model, never changes it
+    "launch.*",  # process-group backend and timeout
+)
+# These may change too when the global batch (data.batch_size x optim.accum_steps x ranks) stays
+# the same: what resuming on another number of GPUs takes (the world size is not in the config;
+# the checkpoint records it). Engines reshard their checkpoints; the data continues exactly when
+# ranks x data.batch_size is kept, else from the next epoch (logged).
+RESUME_BATCH_KEYS = ("data.batch_size", "optim.accum_steps")
+# Never, not even with resume_changes=allow: the checkpoint's format is the engine's own
+# (another number of GPUs is fine, another engine is not), and the optimizer state in it is laid
+# out by the lr_groups patterns (their learning rates may change with allow).
+RESUME_CANNOT_CHANGE = ("engine.kind", "optim.lr_groups patterns")
+
+_ABSENT = object()
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A resolved config dict as {dotted key: value}: sections and dicts recurse (an empty dict
+    adds nothing), lists are values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def show_value(value: Any) -> str:
+    """A config value as YAML writes it inline (`(absent)` for a key one config lacks)."""
+    if value is _ABSENT:
+        return "(absent)"
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return text[: -len("\n...")] if text.endswith("\n...") else text
+
+
+def may_change_on_resume(key: str) -> bool:
+    import fnmatch
+
+    return any(key == p or fnmatch.fnmatchcase(key, p) for p in RESUME_MAY_CHANGE)
+
+
+def check_resume(
+    saved: dict, cfg: Config, saved_world: int | None, world: int, source: str = "config.yaml"
+) -> dict[str, dict]:
+    """Compare the config of a job resuming a checkpoint with the run's saved one (`saved`:
+    Config.to_dict of the re-resolved config.yaml; `saved_world`: the ranks that wrote the
+    checkpoint), key by dotted key. A change outside RESUME_MAY_CHANGE (and RESUME_BATCH_KEYS
+    with the global batch kept) is a ConfigError naming each key with its old and new value,
+    unless cfg.resume_changes is allow; a change of RESUME_CANNOT_CHANGE always is. Returns the
+    changes that allow let through, {key: {"old": v, "new": v}} (None for an absent key)."""
+    new = cfg.to_dict()
+    old_flat, new_flat = flatten(saved), flatten(new)
+    changed = {
+        key: (old_flat.get(key, _ABSENT), new_flat.get(key, _ABSENT))
+        for key in [*old_flat, *(k for k in new_flat if k not in old_flat)]
+        if old_flat.get(key, _ABSENT) != new_flat.get(key, _ABSENT)
+    }
+
+    def pair(key: str) -> str:
+        old, now = changed[key]
+        return f"{key}: {show_value(old)} -> {show_value(now)}"
+
+    old_groups = list((saved.get("optim") or {}).get("lr_groups") or {})
+    if "engine.kind" in changed or old_groups != list(cfg.optim.lr_groups):
+        what = (
+            f"{pair('engine.kind')}: checkpoints do not convert between engines (another number "
+            "of GPUs is fine)"
+            if "engine.kind" in changed
+            else f"optim.lr_groups patterns {old_groups} -> {list(cfg.optim.lr_groups)}: the "
+            "checkpoint's optimizer state is laid out by them (their lrs may change)"
+        )
+        raise ConfigError(f"cannot resume a checkpoint of the run in {source} with {what}")
+
+    def global_batch(tree: dict, ranks: int) -> int:
+        return tree["data"]["batch_size"] * tree["optim"]["accum_steps"] * ranks
+
+    same_global_batch = saved_world is not None and (
+        global_batch(saved, saved_world) == global_batch(new, world)
+    )
+    needs_allow = [
+        key for key in changed
+        if not may_change_on_resume(key) and not (key in RESUME_BATCH_KEYS and same_global_batch)
+    ]  # fmt: skip
+    if needs_allow and cfg.resume_changes != "allow":
+        raise ConfigError(
+            f"resuming with a config that differs from the run's ({source}) in "
+            f"{'; '.join(pair(k) for k in needs_allow)}. Only these may change between jobs: "
+            f"{', '.join(RESUME_MAY_CHANGE)}, and {' and '.join(RESUME_BATCH_KEYS)} when the "
+            "global batch is kept. Add resume_changes=allow to resume with the new values (the "
+            "change is logged in metrics.jsonl), or resume=none to start over"
+        )
+    return {
+        key: {k: (None if v is _ABSENT else v) for k, v in zip(("old", "new"), changed[key])}
+        for key in needs_allow
+    }
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def type_label(tp: Any) -> str:
+    """An annotation as the reference shows it: int, list[str], dict[str, float], fp32|bf16."""
+    if typing.get_origin(tp) is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the source of `cls` (and its bases): the one on its line, else
+    the comment lines right above it."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        block: list[str] = []
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                block.append(stripped.lstrip("#").strip())
+                continue
+            match = re.match(r"\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$", line)
+            if match and match.group(1) in klass.__dataclass_fields__:
+                own = (match.group(2) or "").strip()
+                if own.startswith(("fmt:", "noqa", "type:")):
+                    own = ""
+                comments[match.group(1)] = own or " ".join(block)
+            block = []
+    return comments
+
+
+def section_rows(cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> list[tuple]:
+    """(dotted key, type, default, comment) of every field of the dataclass `cls`, nested
+    sections flattened; `skip`: field names left out (the base class's, shown elsewhere)."""
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(tp):
+            rows += section_rows(tp, f"{prefix}{f.name}.")
+            continue
+        comment = comments.get(f.name, "")
+        rows.append((prefix + f.name, type_label(tp), show_value(default), comment))
+    return rows

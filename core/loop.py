@@ -9,6 +9,7 @@ command resumes from the newest complete checkpoint (`resume=auto`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,8 +28,10 @@ from .config import Config
 from .distributed import to_device
 from .engines import build_engine
 from .evaluators import EvalContext, build_evaluators
+from .flops import peak_flops
 from .logger import MetricsLogger
 from .optim import scaled_lr
+from .recipe import config_changes
 from .report import write_report
 from .tasks import build_task
 
@@ -55,6 +58,7 @@ def total_steps(cfg: Config, global_batch: int, train_samples: int | None) -> in
 
 def train(cfg: Config) -> dict:
     """Run (or resume) training to the end; returns the last evaluation's metrics (rank 0)."""
+    started = time.monotonic()  # metrics rows' `elapsed` counts from here (this job)
     dist = distributed.init_distributed(cfg.launch.backend, cfg.launch.timeout_minutes)
     preemption.install()  # SLURM's warning signal: finish the step, checkpoint, stop
     logging.basicConfig(
@@ -62,9 +66,15 @@ def train(cfg: Config) -> dict:
         format=f"[%(asctime)s rank{dist.rank}] %(message)s",
     )
     run_dir = Path(cfg.run_dir)
+    ckpt = Checkpointer(run_dir, dist, cfg.checkpoint.keep)
+    resume_from = ckpt.resolve_resume(cfg.resume)
+    # Before config.yaml is replaced: a changed config must not resume silently.
+    changed = {} if resume_from is None else ckpt.check_config(resume_from, cfg, config_changes)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        # resume_changes=allow is this job's permission, not the run's: later jobs ask again.
+        saved = dataclasses.replace(cfg, resume_changes="refuse")
+        (run_dir / "config.yaml").write_text(saved.to_yaml())
     distributed.barrier()
     seed_everything(cfg.seed)  # same init on every rank
 
@@ -76,19 +86,25 @@ def train(cfg: Config) -> dict:
     steps = total_steps(cfg, global_batch, train_stream.num_samples())
     engine = build_engine(task, cfg, dist, scaled_lr(cfg.optim, global_batch), steps)
 
-    ckpt = Checkpointer(run_dir, dist, cfg.checkpoint.keep)
     start_step = 0
-    resume_from = ckpt.resolve_resume(cfg.resume)
     if resume_from is not None:
         start_step, extra = ckpt.load(resume_from, engine)
         train_stream.load_state_dict(extra["data"])
-    logger = MetricsLogger(cfg, dist.is_main, start_step, steps)
+    logger = MetricsLogger(cfg, dist.is_main, start_step, steps, started=started)
+    # The run's length in steps where `vlscale status` finds it (with optim.epochs it depends on
+    # the split size and the global batch, which the config alone does not give).
+    logger.event(
+        start_step, "start", total_steps=steps, global_batch=global_batch,
+        world_size=dist.world_size,
+    )  # fmt: skip
     if resume_from is not None:
         logger.event(start_step, "resume", checkpoint=str(resume_from))
+        if changed:  # let through by resume_changes=allow
+            logger.event(start_step, "config_changed", changes=changed)
 
     nonfinite_in_a_row = skipped_total = 0
     batches = iter(train_stream)
-    window = _Window()
+    window = _Window(cfg.logging.peak_flops or peak_flops(dist.device, cfg.engine.precision))
     eval_metrics: dict = {}
     step = start_step
     try:
@@ -113,7 +129,7 @@ def train(cfg: Config) -> dict:
             if step % cfg.logging.every == 0 or step == steps:
                 metrics = {
                     "loss": result.loss,
-                    "lr": engine.lr,
+                    **{"lr" if k == "default" else f"lr/{k}": v for k, v in engine.lrs.items()},
                     "grad_norm": result.grad_norm,
                     "skipped_steps": skipped_total,
                     **window.flush(),
@@ -156,6 +172,7 @@ class StepResult:
     tokens: int  # global
     data_wait: float  # seconds this rank waited for batches
     task_metrics: dict
+    flops: float = 0.0  # model FLOPs of this rank's micro-batches (0: the task counts none)
     stop: bool = False  # some rank got a preemption/timeout signal: all stop after this step
 
 
@@ -169,8 +186,10 @@ def train_step(task, engine, batches, accum_steps: int, dist) -> StepResult:
     sum(every loss) / total: the mean over every unit (token) of the global batch.
     """
     t_data = time.perf_counter()
-    micro_batches = [to_device(next(batches), dist.device) for _ in range(accum_steps)]
+    host_batches = [next(batches) for _ in range(accum_steps)]
     data_wait = time.perf_counter() - t_data
+    flops = sum(task.flops(b) for b in host_batches)  # from host tensors: no device sync
+    micro_batches = [to_device(b, dist.device) for b in host_batches]
     local_weight = sum(float(task.loss_weight(b)) for b in micro_batches)
     (total_weight,) = distributed.all_reduce_sum([torch.tensor(local_weight, device=dist.device)])
     loss_scale = dist.world_size / max(total_weight, 1e-12)
@@ -200,6 +219,7 @@ def train_step(task, engine, batches, accum_steps: int, dist) -> StepResult:
         samples=int(samples),
         tokens=int(tokens),
         data_wait=data_wait,
+        flops=flops,
         task_metrics=task_metrics,  # tensors: read (a host sync) only on logging steps
         stop=n_stop > 0,
     )
@@ -257,26 +277,36 @@ def memory_metrics(device: torch.device) -> dict:
 
 
 class _Window:
-    """Throughput over the steps since the last log line."""
+    """Throughput over the steps since the last log line. `peak`: this device's peak FLOP/s
+    (MFU is logged where it is known)."""
 
-    def __init__(self):
+    def __init__(self, peak: float | None = None):
+        self.peak = peak
         self.reset()
 
     def reset(self):
-        self.time = self.wait = 0.0
+        self.time = self.wait = self.flops = 0.0
         self.samples = self.tokens = 0.0
+        self.steps = 0
 
     def add(self, dt: float, result: StepResult):
         self.time += dt
+        self.steps += 1
         self.wait += result.data_wait
         self.samples += result.samples
         self.tokens += result.tokens
+        self.flops += result.flops
 
     def flush(self) -> dict:
         out = {
             "samples_per_s": self.samples / max(self.time, 1e-9),
             "tokens_per_s": self.tokens / max(self.time, 1e-9),
             "data_wait_frac": self.wait / max(self.time, 1e-9),
+            "step_time_s": self.time / max(self.steps, 1),  # training only: no eval, checkpoints
         }
+        if self.flops:  # model FLOP/s of this rank, and its share of the device's peak
+            out["flops_per_s"] = self.flops / max(self.time, 1e-9)
+            if self.peak:
+                out["mfu"] = out["flops_per_s"] / self.peak
         self.reset()
         return out

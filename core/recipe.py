@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .config import (
+    RECIPES_DIR,
     Config,
     ConfigError,
     UnknownKeyError,
     build_config,
     check_key,
+    check_resume,
     load_tree,
     parse_override,
     resolve_recipe,
@@ -28,6 +34,8 @@ from .config import (
 from .engines import engine_class
 from .evaluators import check_capabilities, resolve_evaluators
 from .tasks import TASKS, task_class
+
+log = logging.getLogger(__name__)
 
 # Keys of earlier versions -> where they live now.
 MOVED = {
@@ -145,4 +153,117 @@ def config_from_dict(tree: dict) -> Config:
     return config_from_tree(tree)
 
 
-__all__ = ["MOVED", "config_from_dict", "config_from_tree", "load_config", "sections_of"]
+# ---------------------------------------------------------------------------- reference
+
+
+def recipe_summaries() -> list[tuple[str, str]]:
+    """(name, first sentence of its leading comment, + its base) of every recipe in recipes/."""
+    out = []
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        lines = path.read_text().splitlines()
+        head = []
+        for line in lines:
+            if not line.startswith("#"):
+                break
+            head.append(line.lstrip("#").strip())
+        text = " ".join(head)
+        first = text.split(". ", 1)[0].rstrip(".")
+        base = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("base:")), "")
+        out.append((path.stem, first + (f" (base: {base})" if base else "")))
+    return out
+
+
+def _table(rows: list[tuple], width: int = 100) -> list[str]:
+    """Rows of (key, type, default, comment) as aligned lines of at most ~`width` columns."""
+    import textwrap
+
+    cols = [min(max(len(r[i]) for r in rows), cap) for i, cap in ((0, 34), (1, 22), (2, 16))]
+    lines = []
+    for key, tp, default, comment in rows:
+        cells = [key, tp, default]
+        left = "  "
+        for cell, col in zip(cells, cols):
+            left += (cell.ljust(col) if len(cell) <= col else cell) + "  "
+        if not comment:
+            lines.append(left.rstrip())
+        elif len(left) <= width - 30:
+            wrapped = textwrap.wrap(comment, width - len(left)) or [""]
+            lines.append(left + wrapped[0])
+            lines += [" " * len(left) + more for more in wrapped[1:]]
+        else:  # no room left: the comment goes below
+            lines.append(left.rstrip())
+            lines += textwrap.wrap(
+                comment, width, initial_indent=" " * 6, subsequent_indent=" " * 6
+            )
+    return lines
+
+
+def config_reference() -> str:
+    """What `vlscale train --help` lists after its usage: the recipes and every config key with
+    its type, default and comment, read from the dataclasses (core/config.py and each registered
+    task kind's), so it cannot go stale."""
+    import dataclasses
+    import textwrap
+    import typing
+
+    from .config import DataConfig, TaskConfig, section_rows
+
+    out = ["recipes (RECIPE: one of these names, or a path to a YAML file):"]
+    recipes = recipe_summaries()
+    width = max(len(name) for name, _ in recipes)
+    for name, about in recipes:
+        indent = " " * (width + 4)
+        out += textwrap.wrap(
+            about, 100, initial_indent=f"  {name:<{width}}  ", subsequent_indent=indent
+        )
+    out += [
+        "",
+        "config keys (key.sub=value overrides; `vlscale config RECIPE` prints one resolved):",
+    ]
+    hints = typing.get_type_hints(Config)
+    sections = {"top level": section_rows(Config, skip=tuple(
+        f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])
+    ))}  # fmt: skip
+    for f in dataclasses.fields(Config):
+        cls = hints[f.name]
+        if dataclasses.is_dataclass(cls):
+            title = f"{f.name} (every task.kind)" if f.name in ("task", "data") else f.name
+            sections[title] = section_rows(cls, f"{f.name}.")
+    for kind, cls in TASKS.items():
+        rows = section_rows(cls.Config, "task.", skip=tuple(TaskConfig.__dataclass_fields__))
+        rows += section_rows(cls.DataConfig, "data.", skip=tuple(DataConfig.__dataclass_fields__))
+        sections[f"task.kind={kind}: its own task: and data: keys"] = rows
+    for title, rows in sections.items():
+        out += ["", title, *(_table(rows) if rows else ["  (none)"])]
+    return "\n".join(out) + "\n"
+
+
+def config_changes(path: Path, run_dir: Path, cfg, world_size: int) -> dict:
+    """`core.config.check_resume` of `cfg` resuming checkpoint `path` on `world_size` ranks
+    (into `run_dir`), against the saved config of the run that wrote it (what
+    `Checkpointer.check_config` runs on rank 0, and `vlscale submit --resume` before it submits)."""
+    owner = path.parent.parent if path.parent.name == "checkpoints" else run_dir
+    saved_file = owner / "config.yaml"
+    if not saved_file.is_file():
+        saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        log.warning("%s: no config.yaml of the run that wrote it to compare with", path)
+        return {}
+    tree = yaml.safe_load(saved_file.read_text()) or {}
+    try:  # re-resolved: keys added to the schema since then get their defaults on both sides
+        saved = config_from_dict(tree).to_dict()
+    except ConfigError:  # a key since removed or renamed: compare what was written
+        saved = tree
+    saved_world = json.loads((path / "meta.json").read_text()).get("world_size")
+    return check_resume(saved, cfg, saved_world, world_size, str(saved_file))
+
+
+__all__ = [
+    "MOVED",
+    "config_changes",
+    "config_from_dict",
+    "config_from_tree",
+    "config_reference",
+    "load_config",
+    "sections_of",
+]

@@ -12,13 +12,16 @@ import sys
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "train": ("launch.train", "train (or resume) a recipe"),
-    "shards": ("launch.shards", "write training shards (synthetic shapes, CC3M)"),
+    "config": ("launch.config", "print a recipe's fully resolved config (YAML)"),
+    "shards": ("launch.shards", "write or index training shards (synthetic, CC3M, FineVision)"),
     "report": ("launch.report", "print a run's results and draw its curves"),
     "export": ("launch.export", "a run's checkpoint (any engine) as HF-layout safetensors"),
+    "push": ("launch.push", "upload a run (exported first) or an export to the Hugging Face Hub"),
     "generate": ("launch.generate", "answer prompts (with images) using a trained VLM run"),
     "plan": ("launch.plan", "estimate per-GPU memory of every engine for a recipe"),
     "submit": ("launch.submit", "submit a recipe (or resume a run) as a SLURM job via submitit"),
     "status": ("launch.status", "a run's step, newest checkpoint, SLURM jobs and their states"),
+    "doctor": ("launch.doctor", "check devices, matmul speed, flash-attn, all-reduce, a short run"),
 }
 
 

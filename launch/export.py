@@ -2,16 +2,21 @@
 safetensors.
 
 The task writes its towers as Hugging Face checkpoints (config.json + model.safetensors, loadable
-by transformers and by `core.models.from_pretrained`): SigLIP OUT/vision/ and OUT/text/; a VLM
-OUT/vision/, OUT/lm/ (LoRA merged) and, for LoRA runs, OUT/lm_adapter/ (a peft adapter) on
-OUT/lm_base/. OUT/model.safetensors holds every tensor of the task under its module names;
-OUT/config.yaml is the run's config. Reading the result needs only
+by transformers and by `core.models.from_pretrained`) with what transformers needs besides
+(core/export.py): image towers a preprocessor_config.json (AutoImageProcessor), text towers and
+LMs their tokenizer (AutoTokenizer; a VLM's with its chat template), LMs a generation_config.json.
+SigLIP OUT/vision/ and OUT/text/; a VLM OUT/vision/, OUT/projector.safetensors, OUT/lm/ (LoRA
+merged) and, for LoRA runs, OUT/lm_adapter/ (a peft adapter) on OUT/lm_base/.
+OUT/model.safetensors holds every tensor of the task under its module names; OUT/config.yaml is
+the run's config; OUT/README.md a model card (Hub front matter, how to load each part, the
+training data, the run's last evaluation, the config). Reading the result needs only
 safetensors: DeepSpeed is imported only to consolidate a ZeRO checkpoint, DCP only for FSDP.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from pathlib import Path
@@ -41,9 +46,13 @@ def consolidated(run_dir: str | Path, step: int | None = None):
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Path:
+    from core.consolidate import checkpoint_dir
+    from core.export import model_card
     from core.models import hub
 
     task, cfg, state = consolidated(run_dir, step)
+    if step is None:  # the newest checkpoint's, step_<N>
+        step = int(checkpoint_dir(run_dir).name.rsplit("_", 1)[1])
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,6 +60,10 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None) -> Pat
     task.export_hf(tmp, state)
     hub.save_state_dict(state, tmp)
     (tmp / "config.yaml").write_text(cfg.to_yaml())
+    evaluation = Path(run_dir) / "eval.json"
+    evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else None
+    card = model_card(tmp, cfg, step=step, evaluation=evaluation, **task.model_card())
+    (tmp / "README.md").write_text(card)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

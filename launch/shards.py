@@ -1,7 +1,9 @@
-"""`vlscale shards synthetic|cc3m|synthetic-vqa|finevision`: write or fetch training data.
+"""`vlscale shards synthetic|cc3m|synthetic-vqa|finevision|index`: write or fetch training data.
 
 synthetic / cc3m / finevision write webdataset shards (+ sizes.json); synthetic-vqa writes
-FineVision-format parquet (+ a tokenizer) that `finevision --source DIR` converts to shards.
+FineVision-format parquet (+ a tokenizer) that `finevision --source DIR` converts to shards;
+index writes the sizes.json of shards written elsewhere (img2dataset, pixparse) from their
+`*_stats.json` / `_info.json`, without reading the tars.
 """
 
 from __future__ import annotations
@@ -12,8 +14,15 @@ import sys
 import time
 from pathlib import Path
 
-from core.data.finevision import FINEVISION_REPO, convert_finevision
-from core.data.shards import CC3M_REPO, fetch_cc3m
+from core.data.finevision import FINEVISION_REPO, RATINGS, convert_finevision
+from core.data.shards import (
+    CC3M_REPO,
+    fetch_cc3m,
+    index_shards,
+    listed_counts,
+    read_sizes,
+    write_sizes,
+)
 from core.data.synthetic import VQA_SUBSETS, write_finevision_parquet, write_synthetic_shards
 
 
@@ -34,13 +43,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "cc3m",
         help="copy or download CC3M webdataset shards and verify them",
         description="Copy cc3m-{split}-NNNN.tar from a local directory, or download them from a "
-        "Hugging Face dataset, into --out; then read every tar back and write sizes.json.",
+        "Hugging Face dataset, into --out, and write sizes.json: shards the source's _info.json "
+        "lists are counted from it (as `vlscale shards index` does), the others read back.",
     )
     cc3m.add_argument("--out", type=Path, required=True)
     cc3m.add_argument(
         "--source", default=CC3M_REPO, help="local directory or hub dataset id (%(default)s)"
     )
     cc3m.add_argument("--splits", nargs="+", default=["train", "validation"])
+    cc3m.add_argument(
+        "--verify", action="store_true", help="read every tar back, even those _info.json lists"
+    )
+    index = sub.add_parser(
+        "index",
+        help="write DIR/sizes.json from img2dataset *_stats.json or an _info.json, reading no tar",
+        description="Count the shards in DIR matching --pattern from the files their writer left "
+        "beside them: img2dataset's NNNNN_stats.json ('successes': samples written to NNNNN.tar) "
+        "or an _info.json / info.json (pixparse/timm: splits.<split>.filenames + shard_lengths), "
+        "and merge the counts into DIR/sizes.json. A listed count is checked only against the "
+        "file size. Exits 2 when DIR has neither kind of file (unless --read), 1 when some "
+        "shards could not be counted (they are named, and left out of sizes.json).",
+    )
+    index.add_argument("dir", type=Path, metavar="DIR")
+    index.add_argument("--pattern", default="*.tar", help="shard file names, a glob (%(default)s)")
+    index.add_argument(
+        "--read",
+        action="store_true",
+        help="count shards that no stats or info file lists (or lists wrongly) by reading them",
+    )
     vqa = sub.add_parser(
         "synthetic-vqa",
         help="seeded shapes conversations as FineVision-format parquet and a chat tokenizer",
@@ -59,8 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="convert FineVision subsets (hub or local parquet) to webdataset shards",
         description="Stream each subset from a hub dataset (one config per subset) or read "
         "<source>/<subset>/train-*.parquet, and write <out>/<subset>/{train,val}-NNNNNN.tar and "
-        "sizes.json. The first --val-samples rows of a subset go to val (a local subset's "
-        "val-*.parquet when it has one). Unusable rows are skipped and reported.",
+        "sizes.json. Val is held out by a hash of each row's content (images and texts): a "
+        "uniform sample, disjoint from train, at a given fraction the same rows whatever the "
+        "order, re-download or filtering; --val-fraction of the rows, or about --val-samples of "
+        "them (a local subset's val-*.parquet when it has one: its first --val-samples rows). "
+        "Unusable rows, and with --min-rating low-rated ones, are skipped and counted by reason.",
     )
     finevision.add_argument(
         "--source", default=FINEVISION_REPO, help="hub dataset id or local directory (%(default)s)"
@@ -69,7 +102,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--subsets", required=True, help="comma-separated subset (config) names, e.g. a,b,c"
     )
     finevision.add_argument("--out", type=Path, required=True)
-    finevision.add_argument("--val-samples", type=int, default=256, help="per subset")
+    finevision.add_argument(
+        "--val-samples",
+        type=int,
+        default=256,
+        help="per subset: the val target count, fraction = N / the subset's rows (%(default)s)",
+    )
+    finevision.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="fraction of a subset's rows held out for val (overrides --val-samples)",
+    )
+    finevision.add_argument(
+        "--min-rating",
+        type=int,
+        default=None,
+        choices=range(1, 6),
+        metavar="N",
+        help="drop a row when any of --ratings is below N (1-5) on one of its turns "
+        "(FineVision's <rating>_min < N); counted as low_<rating> / unrated_<rating>",
+    )
+    finevision.add_argument(
+        "--ratings",
+        default=",".join(RATINGS),
+        help="the rating columns --min-rating checks, comma-separated (%(default)s)",
+    )
+    finevision.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes converting rows (output identical for any number; %(default)s)",
+    )
     finevision.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     finevision.add_argument(
         "--max-samples", type=int, default=None, help="rows read per subset (default: all)"
@@ -91,13 +155,15 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.source_kind == "finevision":
         return _finevision(args, start)
+    if args.source_kind == "index":
+        return _index(args, start)
     if args.source_kind == "synthetic":
         sizes = write_synthetic_shards(
             args.out, args.train, args.val, args.seed, args.shard_size, args.image_size
         )
         bad = []
     else:
-        sizes, bad = fetch_cc3m(args.out, args.source, args.splits)
+        sizes, bad = fetch_cc3m(args.out, args.source, args.splits, verify=args.verify)
     seconds = time.perf_counter() - start
     print(
         f"{sum(sizes.values())} samples in {len(sizes)} shards at {args.out} ({seconds:.1f} s)"
@@ -112,7 +178,16 @@ def _finevision(args: argparse.Namespace, start: float) -> int:
         if not subsets:
             raise ValueError("--subsets names no subset")
         results = convert_finevision(
-            args.source, subsets, args.out, args.val_samples, args.shard_size, args.max_samples
+            args.source,
+            subsets,
+            args.out,
+            args.val_samples,
+            args.shard_size,
+            args.max_samples,
+            val_fraction=args.val_fraction,
+            min_rating=args.min_rating,
+            rating_columns=[name.strip() for name in args.ratings.split(",") if name.strip()],
+            workers=args.workers,
         )
     except (FileNotFoundError, ValueError) as err:  # bad source, subset or sizes: one line
         print(f"vlscale shards finevision: error: {err}", file=sys.stderr)
@@ -131,3 +206,43 @@ def _finevision(args: argparse.Namespace, start: float) -> int:
         + (f"; no train samples in: {', '.join(empty)}" if empty else "")
     )
     return 1 if empty else 0
+
+
+def _index(args: argparse.Namespace, start: float) -> int:
+    directory = args.dir
+    names = sorted(p.name for p in directory.glob(args.pattern) if p.is_file())
+    try:
+        if not names:
+            raise FileNotFoundError(f"no files matching {args.pattern!r} in {directory}")
+        listed = listed_counts(directory)
+        if not any(listed) and not args.read:
+            raise FileNotFoundError(
+                f"{directory} has no _info.json, info.json or *_stats.json (img2dataset) to "
+                "count the shards from; --read counts them by reading every tar"
+            )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"vlscale shards index: error: {err}", file=sys.stderr)
+        return 2
+    index = index_shards(directory, names, read=args.read, listed=listed)
+    # merged into what sizes.json holds, less the shards that can no longer be counted
+    existing = read_sizes(directory)
+    stale = [name for name in existing if name in index.problems]
+    sizes = {k: v for k, v in existing.items() if k not in stale} | index.sizes
+    if sizes != existing:
+        write_sizes(directory, sizes, merge=False)
+    for name, problem in index.problems.items():
+        print(f"{name}: {problem}", file=sys.stderr)
+    sources = ", ".join(f"{n} from {source}" for source, n in sorted(index.sources.items()))
+    seconds = time.perf_counter() - start
+    print(
+        (
+            f"{sum(index.sizes.values())} samples in {len(index.sizes)} shards ({sources}) "
+            f"written to {directory / 'sizes.json'}"
+            if index.sizes
+            else "no shard counted"
+        )
+        + f" ({seconds:.1f} s)"
+        + (f"; not counted: {len(index.problems)} shards (above)" if index.problems else "")
+        + (f"; {len(stale)} stale entries removed" if stale else "")
+    )
+    return 1 if index.problems else 0

@@ -143,12 +143,13 @@ class TrainJob:
         from core.loop import train
         from core.recipe import load_config
 
-        overrides = list(self.overrides)
+        job = self
         if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
-            # Requeued by SLURM itself (e.g. PreemptMode=REQUEUE): continue, even if the first
-            # start asked for resume=none or a given checkpoint.
-            overrides.append("resume=auto")
-        cfg = load_config(self.recipe, overrides)
+            # Requeued by SLURM itself (e.g. PreemptMode=REQUEUE): continue from the run's saved
+            # config, as our own requeues do, even if the first start asked for resume=none or a
+            # given checkpoint (and even if the recipe file was edited since).
+            job = self.next_job(self.timeouts_left, self.run_dir())
+        cfg = load_config(job.recipe, job.overrides)
         try:
             return train(cfg)
         except preemption.Interrupted as stop:
@@ -168,6 +169,11 @@ class TrainJob:
         else:
             recipe, overrides = self.recipe, [*self.overrides, "resume=auto"]
         return TrainJob(recipe, overrides, self.time_min, self.signal_delay, timeouts_left)
+
+    def run_dir(self) -> str | None:
+        """The run directory `vlscale submit` fixed in the overrides (the last run_dir=)."""
+        given = [o.split("=", 1)[1] for o in self.overrides if o.startswith("run_dir=")]
+        return given[-1] if given else None
 
     def checkpoint(self, *args, **kwargs):
         """submitit's hook, used only if the signal lands before `__call__` installs ours: the
@@ -282,6 +288,13 @@ def main(args) -> int:
         raise ConfigError(str(err)) from None
     cfg = load_config(recipe, overrides)  # validate now, not in the job
     run_dir = Path(cfg.run_dir).resolve()
+    if args.resume:  # a changed config would be refused in the job: say so now
+        from core.checkpoint import list_checkpoints
+        from core.recipe import config_changes
+
+        found = list_checkpoints(run_dir / "checkpoints")
+        if found and cfg.resume == "auto":
+            config_changes(found[-1][1], run_dir, cfg, opts["nodes"] * opts["tasks_per_node"])
     overrides.append(f"run_dir={run_dir}")  # the job's working directory may differ
     if not args.resume:
         recipe = str(Path(recipe).resolve()) if Path(recipe).is_file() else recipe

@@ -13,8 +13,13 @@ from core.recipe import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from core.recipe import config_reference
+
     parser.add_argument("recipe", help="a recipe YAML path, or a name in recipes/")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-4")
+    # Generated from the config dataclasses (and every registered task kind's): never stale.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = config_reference()
 
 
 def main(args) -> int:

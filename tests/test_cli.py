@@ -14,13 +14,16 @@ def test_console_script_help_lists_working_subcommands():
         assert name in out
     assert set(SUBCOMMANDS) == {
         "train",
+        "config",
         "shards",
         "report",
         "export",
+        "push",
         "generate",
         "plan",
         "submit",
         "status",
+        "doctor",
     }
 
 

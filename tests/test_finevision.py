@@ -3,6 +3,7 @@ webdataset shards, the Qwen2.5 ChatML processor and the VLM sample decoders, the
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -15,9 +16,17 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from core.data import finevision
 from core.data.chat import IGNORE, ChatProcessor, VLMEvalDecoder, VLMTrainDecoder
 from core.data.errors import BadSample
-from core.data.finevision import convert_finevision, convert_row, image_extension
+from core.data.finevision import (
+    RATINGS,
+    check_ratings,
+    convert_finevision,
+    convert_row,
+    image_extension,
+    val_draw,
+)
 from core.data.packing import PackedCollate
 from core.data.preprocess import SIGLIP_MEAN, SIGLIP_STD, ImageTextDecoder
 from core.data.shards import open_shard, read_sizes
@@ -374,13 +383,13 @@ def test_conversion_counts_layout_and_tar_contents(parquet_dir, shards_dir):
 
 
 def write_rows(path, rows):
+    """FineVision-format parquet of `rows` (image bytes, texts, source and the rating columns
+    the first row has)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    columns = {name: [] for name in ("images", "texts", "source")}
-    for row in rows:
-        columns["images"].append([{"bytes": b, "path": None} for b in row["images"]])
-        columns["texts"].append(row["texts"])
-        columns["source"].append(row["source"])
-    features = datasets.Features({k: finevision_features()[k] for k in columns})
+    names = [name for name in finevision_features() if name in rows[0]]
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    columns["images"] = [[{"bytes": b, "path": None} for b in row["images"]] for row in rows]
+    features = datasets.Features({k: finevision_features()[k] for k in names})
     datasets.Dataset.from_dict(columns, features=features).to_parquet(str(path))
 
 
@@ -401,29 +410,35 @@ def messy_dir(tmp_path):
     return tmp_path / "src"
 
 
-def test_bad_rows_are_skipped_counted_and_val_comes_first(messy_dir, tmp_path):
+def draw(row) -> float:
+    """The val draw of a row as written by write_rows (and read back by the converter)."""
+    return val_draw({"images": [{"bytes": b} for b in row["images"]], "texts": row["texts"]})
+
+
+MESSY_GOOD = {0: 0, 1: 1, 6: 2, 7: 3, 8: 4, 9: 5, 10: 6}  # source row -> good_row index
+
+
+def test_bad_rows_are_skipped_counted_and_val_is_drawn_by_content(messy_dir, tmp_path):
     out = tmp_path / "out"
     result = convert_finevision(messy_dir, ["messy"], out, val_samples=3, shard_size=2)
+    # no val files: a row is val when its content's draw is below 3 / 11 (rows in the subset)
+    in_val = [row for row, i in MESSY_GOOD.items() if draw(good_row(i)) < 3 / 11]
+    assert in_val == [0, 1, 8]  # these rows' draws: 0.14, 0.26, 0.23; the others' > 0.38
     assert result == {
         "messy": {"train": 4, "val": 3, "skipped": {"bad_image": 2, "empty_texts": 2}}
     }
     val = shard_samples(out / "messy", "val")
     train = shard_samples(out / "messy", "train")
-    assert [s["__key__"] for s in val] == [
-        "messy-val-000000000",
-        "messy-val-000000001",
-        "messy-val-000000006",
-    ]
-    assert [s["__key__"] for s in train] == [f"messy-train-{i:09d}" for i in range(7, 11)]
-    assert [json.loads(s["json"])["texts"][0]["assistant"] for s in val + train] == [
-        f"a{i}" for i in range(7)
-    ]
+    assert [s["__key__"] for s in val] == [f"messy-val-{row:09d}" for row in in_val]
+    assert [s["__key__"] for s in train] == [f"messy-train-{row:09d}" for row in (6, 7, 9, 10)]
+    answers = [json.loads(s["json"])["texts"][0]["assistant"] for s in val + train]
+    assert answers == [f"a{i}" for i in (0, 1, 4, 2, 3, 5, 6)]
     assert val[0]["0.jpg"] == jpeg(colour=(0, 0, 0))  # original bytes
     assert not (out / "tokenizer").exists()  # the source has none
     # re-converting fewer rows removes the earlier conversion's extra shards
     again = convert_finevision(
         messy_dir, ["messy"], out, val_samples=1, shard_size=2, max_samples=4
-    )
+    )  # rows 0-3 read, 2 and 3 unusable; fraction 1 / 4: row 0 (0.14) is val, row 1 (0.26) not
     assert again["messy"] == {"train": 1, "val": 1, "skipped": {"bad_image": 2}}
     assert sorted(p.name for p in (out / "messy").glob("*.tar")) == [
         "train-000000.tar",
@@ -438,13 +453,131 @@ def test_hub_ids_are_streamed_with_datasets(messy_dir, tmp_path, monkeypatch):
 
     def fake_load_dataset(path, name=None, **kwargs):
         calls.append((path, name, kwargs))
-        files = [str(messy_dir / name / "train-00000.parquet")]
-        return real("parquet", data_files={"train": files}, split="train", streaming=True)
+        files = [str(messy_dir / "messy" / "train-00000.parquet")]
+        dataset = real("parquet", data_files={"train": files}, split="train", streaming=True)
+        if name == "messy":  # the hub card's dataset_info gives each config's num_examples
+            dataset.info.splits = datasets.SplitDict()
+            dataset.info.splits.add(datasets.SplitInfo(name="train", num_examples=11))
+        return dataset
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    result = convert_finevision("HuggingFaceM4/FineVision", ["messy"], tmp_path / "o", 2, 10)
+    result = convert_finevision("HuggingFaceM4/FineVision", ["messy"], tmp_path / "o", 3, 10)
     assert calls == [("HuggingFaceM4/FineVision", "messy", {"split": "train", "streaming": True})]
-    assert result["messy"]["val"] == 2 and result["messy"]["train"] == 5
+    assert result["messy"]["val"] == 3 and result["messy"]["train"] == 4  # as from local files
+    assert source_keys(tmp_path / "o" / "messy", "val") == [0, 1, 8]
+    # a card without num_examples: --val-samples cannot become a fraction, --val-fraction can
+    with pytest.raises(ValueError, match="give --val-fraction"):
+        convert_finevision("HuggingFaceM4/FineVision", ["unsized"], tmp_path / "u", 3, 10)
+    result = convert_finevision(
+        "HuggingFaceM4/FineVision", ["unsized"], tmp_path / "u", 3, 10, val_fraction=3 / 11
+    )
+    assert (result["unsized"]["val"], result["unsized"]["train"]) == (3, 4)
+
+
+def rated_row(i: int, **ratings) -> dict:
+    """good_row(i) with FineVision's four rating columns: 5 on its turn unless `ratings` gives
+    a column's list (None: unrated)."""
+    row = good_row(i)
+    for name in RATINGS:
+        values = ratings.get(name, [5])
+        row[f"{name}_ratings"] = values
+        row[f"{name}_min"] = None if values is None else min(values)
+    return row
+
+
+def rated_rows(n: int) -> list[dict]:
+    rows = [rated_row(i) for i in range(n)]
+    rows[3] = rated_row(3, relevance=[5, 2])
+    rows[5] = rated_row(5, image_correspondence=[3])
+    rows[7] = rated_row(7, visual_dependency=[1, 5])
+    rows[9] = rated_row(9, relevance=[2], formatting=[4, 2])  # counted under the first: relevance
+    rows[10] = rated_row(10, **dict.fromkeys(RATINGS))  # no ratings at all
+    return rows
+
+
+def source_keys(directory, split):
+    return [int(s["__key__"].rsplit("-", 1)[1]) for s in shard_samples(directory, split)]
+
+
+def test_min_rating_drops_whole_rows_and_counts_why(tmp_path):
+    write_rows(tmp_path / "src" / "rated" / "train-00000.parquet", rated_rows(12))
+    convert = functools.partial(convert_finevision, tmp_path / "src", ["rated"], val_samples=0,
+                                shard_size=100)  # fmt: skip
+    result = convert(out_dir=tmp_path / "all")
+    assert result["rated"] == {"train": 12, "val": 0, "skipped": {}}  # no filter: all kept
+    result = convert(out_dir=tmp_path / "3", min_rating=3)
+    assert result["rated"]["skipped"] == {
+        "low_relevance": 2, "low_visual_dependency": 1, "unrated_relevance": 1
+    }  # fmt: skip
+    assert source_keys(tmp_path / "3" / "rated", "train") == [0, 1, 2, 4, 5, 6, 8, 11]
+    result = convert(out_dir=tmp_path / "4", min_rating=4)
+    assert result["rated"]["skipped"]["low_image_correspondence"] == 1  # row 5's 3 < 4
+    assert source_keys(tmp_path / "4" / "rated", "train") == [0, 1, 2, 4, 6, 8, 11]
+    result = convert(out_dir=tmp_path / "f", min_rating=3, rating_columns=["formatting"])
+    assert result["rated"]["skipped"] == {"low_formatting": 1, "unrated_formatting": 1}
+    with pytest.raises(ValueError, match="rating columns: relevence"):
+        convert(out_dir=tmp_path / "x", min_rating=3, rating_columns=["relevence"])
+    row = rated_row(0, relevance=None)
+    row["relevance_min"] = 1  # no per-turn list: the row's minimum column is used
+    with pytest.raises(BadSample, match="low_relevance"):
+        check_ratings(row, 2)
+
+
+def test_val_split_is_by_content_deterministic_and_disjoint(tmp_path):
+    rows = rated_rows(40)
+    write_rows(tmp_path / "src" / "rows" / "train-00000.parquet", rows)
+    write_rows(tmp_path / "src" / "reversed" / "train-00000.parquet", rows[::-1])
+    convert = functools.partial(convert_finevision, tmp_path / "src", val_samples=0, shard_size=7)
+    result = convert(["rows", "reversed"], tmp_path / "a", val_fraction=0.25)
+    val, train = (
+        shard_samples(tmp_path / "a" / "rows", "val"),
+        shard_samples(tmp_path / "a" / "rows", "train"),
+    )
+
+    def contents(samples):
+        return [(s["0.jpg"], json.loads(s["json"])["texts"][0]["assistant"]) for s in samples]
+
+    # every row exactly once; no val row (by key or by content) in train
+    assert sorted(contents(val) + contents(train)) == sorted(
+        (r["images"][0], r["texts"][0]["assistant"]) for r in rows
+    )
+    val_rows, train_rows = (
+        source_keys(tmp_path / "a" / "rows", "val"),
+        source_keys(tmp_path / "a" / "rows", "train"),
+    )
+    assert not set(val_rows) & set(train_rows) and not set(contents(val)) & set(contents(train))
+    assert val_rows == [i for i, row in enumerate(rows) if draw(row) < 0.25]
+    assert 5 <= len(val_rows) <= 15 and result["rows"]["val"] == len(val_rows)  # ~10 of 40
+    # the same rows in another order: the same rows are val
+    assert sorted(contents(shard_samples(tmp_path / "a" / "reversed", "val"))) == sorted(
+        contents(val)
+    )
+    # deterministic: converted again, the same bytes; --val-samples 10 of 40 rows = 0.25
+    convert(["rows"], tmp_path / "b", val_samples=10)
+    for name in [*read_sizes(tmp_path / "a" / "rows"), "sizes.json"]:
+        assert (tmp_path / "a" / "rows" / name).read_bytes() == (
+            tmp_path / "b" / "rows" / name
+        ).read_bytes()
+    # fewer rows read, or rows filtered: no row changes side
+    convert(["rows"], tmp_path / "c", val_fraction=0.25, max_samples=20, min_rating=3)
+    kept = [i for i in range(20) if i not in (3, 7, 9, 10)]
+    assert source_keys(tmp_path / "c" / "rows", "val") == [i for i in val_rows if i in kept]
+    assert source_keys(tmp_path / "c" / "rows", "train") == [i for i in train_rows if i in kept]
+
+
+def test_workers_give_the_same_shards(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(finevision, "CHUNK_ROWS", 2)  # many chunks in flight per worker
+    write_rows(tmp_path / "src" / "rated" / "train-00000.parquet", rated_rows(40))
+    outputs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        argv = ["shards", "finevision", "--source", str(tmp_path / "src"), "--subsets", "rated"]
+        argv += ["--out", str(out), "--val-fraction", "0.3", "--min-rating", "3", "--shard-size"]
+        assert cli([*argv, "5", "--ratings", "relevance,formatting", "--workers", workers]) == 0
+        outputs.append({p.name: p.read_bytes() for p in (out / "rated").iterdir()})
+        printed = capsys.readouterr().out
+        assert "skipped 3 rows (low_relevance 2, unrated_relevance 1)" in printed
+    assert outputs[0] == outputs[1] and len(outputs[0]) > 4
 
 
 def test_missing_sources_and_subsets_are_clear_errors(messy_dir, tmp_path):

@@ -44,6 +44,9 @@ class Reshardable:
     def load(self, path: Path) -> None:
         self.loaded.append(path)
 
+    def load_resharded(self, path: Path) -> None:  # as core.engines.base.Engine's default
+        self.load(path)
+
 
 class Fixed(Reshardable):
     can_reshard = False

@@ -80,7 +80,7 @@ def test_one_epoch_yields_every_sample_exactly_once(
     tmp_path, caplog, sizes, world_size, num_workers, fallback, shuffle
 ):
     urls = write_id_shards(tmp_path, sizes)
-    caplog.set_level(logging.WARNING, logger="core.data.stream")
+    caplog.set_level(logging.INFO, logger="core.data.stream")
     ids = delivered_ids(
         urls, world_size, num_workers=num_workers, epochs=1, shuffle=shuffle, drop_last=False
     )

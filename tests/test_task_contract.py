@@ -79,7 +79,7 @@ class BackgroundTask(Task):
     def train_stream(self, dist):
         return make_stream(self.cfg, dist, self.cfg.data.train, self.decode, train=True)
 
-    def val_stream(self, dist, batch_size: int):
+    def val_stream(self, dist, batch_size: int, subsets=None):
         return make_stream(
             self.cfg, dist, self.cfg.data.val, self.decode, train=False, batch_size=batch_size
         )
@@ -159,7 +159,10 @@ def test_a_kind_defined_outside_core_loads_with_its_own_keys(shapes, tmp_path):
     recipe = write_recipe(shapes, tmp_path / "background.yaml", 5)
     cfg = load_config(recipe)
     assert isinstance(cfg.task, BackgroundConfig) and isinstance(cfg.data, BackgroundDataConfig)
-    assert cfg.eval.evaluators == [{"test_background_acc": {"every": 0}}, {"loss": {"every": 0}}]
+    assert cfg.eval.evaluators == [
+        {"test_background_acc": {"every": 0}},
+        {"loss": {"every": 0, "subsets": []}},
+    ]
     with pytest.raises(ConfigError, match="'task.embed_dim' belongs to task.kind siglip"):
         load_config(recipe, ["task.embed_dim=3"])
     with pytest.raises(ConfigError, match="'retrieval' needs a task that is ImageTextEmbedder"):

@@ -114,7 +114,11 @@ def kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def test_loss_goes_down_and_eval_is_written(shapes, tmp_path):
+def test_loss_goes_down_and_eval_is_written(shapes, tmp_path, monkeypatch):
+    """Training lowers the loss and writes eval.json; the run then exports for transformers and
+    the Hub (tests/test_export.py check_siglip_export)."""
+    from test_export import check_siglip_export
+
     from core.loop import train
 
     cfg = load_config("tiny_siglip", tiny_overrides(shapes, tmp_path / "run", 60))
@@ -134,6 +138,7 @@ def test_loss_goes_down_and_eval_is_written(shapes, tmp_path):
     assert result["i2t_r1"] == ev["i2t_r1"]
     assert (tmp_path / "run" / "report.png").stat().st_size > 0
     assert (tmp_path / "run" / "config.yaml").exists()
+    check_siglip_export(tmp_path / "run", tmp_path / "export", monkeypatch)
 
 
 @pytest.mark.slow

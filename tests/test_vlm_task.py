@@ -3,6 +3,7 @@ in the step, stage freezing rules, LoRA, init_from, evaluation, generation and e
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 from pathlib import Path
@@ -60,8 +61,9 @@ def vlm_overrides(vqa: Path, run_dir: Path, steps: int = 10, **extra) -> list[st
 
 
 def evaluators(gen_every: int = 0, gen_samples: int = 2, max_new_tokens: int = 4) -> str:
-    declared = [{"vqa": {"subsets": ["shapes_colour", "shapes_shape"],
-                         "max_new_tokens": max_new_tokens}}, "loss"]  # fmt: skip
+    subsets = ["shapes_colour", "shapes_shape"]
+    declared = [{"vqa": {"subsets": subsets, "max_new_tokens": max_new_tokens}},
+                {"loss": {"subsets": subsets}}]  # fmt: skip
     if gen_every:
         declared.append({"generation": {"every": gen_every, "samples": gen_samples,
                                         "max_new_tokens": max_new_tokens}})  # fmt: skip
@@ -147,12 +149,18 @@ def test_bad_projector_settings_are_clear_errors(vqa, tmp_path):
 def test_two_stages_train_evaluate_generate_and_export(vqa, tmp_path):
     """Stage 1 (projector) -> stage 2 (LoRA, init_from stage 1): the loss falls, eval.json has
     VQA accuracy and loss, fixed questions are answered during training, and the export loads
-    in transformers and peft with the trained model's outputs."""
+    in transformers and peft with the trained model's outputs; its tokenizer renders chats, its
+    image processor gives the training pixels and its generation config generates as vlscale
+    does; the model card loads every part, and `vlscale push` uploads the whole export (an
+    injected api: no network)."""
     import transformers as hf
     from peft import PeftModel
+    from PIL import Image
+    from test_export import ATOL, RecordingApi, check_card, png
 
     from core.loop import train
     from launch.export import consolidated, export
+    from launch.push import push
 
     stage1 = tmp_path / "stage1"
     train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, stage1, 6, **{"optim.lr": 3e-3})))
@@ -191,6 +199,45 @@ def test_two_stages_train_evaluate_generate_and_export(vqa, tmp_path):
         adapted = PeftModel.from_pretrained(base, out / "lm_adapter").eval()
         torch.testing.assert_close(adapted(ids).logits, ours, rtol=1e-4, atol=1e-4)
     assert (out / "vision" / "config.json").exists() and (out / "projector.safetensors").exists()
+
+    # what transformers needs besides the weights (core/export.py; details in test_export.py)
+    turns = [{"user": "What colour is the square?", "assistant": "red"}]
+    chat = [{"role": "user", "content": turns[0]["user"]}, {"role": "assistant", "content": "red"}]
+    for name in ("lm", "lm_base"):
+        tok = hf.AutoTokenizer.from_pretrained(out / name)
+        text = tok.apply_chat_template(chat, tokenize=False)
+        assert text == task.tokenizer.decode(task.processor.encode(turns, 0)[0])
+        generation = hf.GenerationConfig.from_pretrained(out / name)
+        assert (
+            generation.eos_token_id
+            == task.end_of_turn_id
+            == tok.convert_tokens_to_ids("<|im_end|>")
+        )
+        assert generation.pad_token_id == task.tokenizer.pad_token_id
+        assert generation.max_new_tokens == 128 and not generation.do_sample  # data.max_seq_len
+    prompt = torch.tensor([task.processor.prompt(turns, 0)])
+    size = task.vision.image_size
+    most = generation.max_new_tokens
+    with torch.no_grad():  # the exported config alone: greedy to <|im_end|>, as vlscale's
+        theirs = merged.generate(prompt, generation_config=generation)
+        theirs = theirs[0, prompt.shape[1] :].tolist()
+        ours = task.generate_tokens(prompt, torch.ones_like(prompt), torch.zeros(0, 3, size, size),
+                                    max_new_tokens=most)[0].tolist()  # fmt: skip
+    assert theirs == ours[: len(theirs)]
+    assert len(theirs) == most or theirs[-1] == task.end_of_turn_id
+    processor = hf.AutoImageProcessor.from_pretrained(out / "vision", backend="pil")
+    data = png(48, 40)  # resized to size x size, no crop
+    pixels = processor(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(pixels, task.eval_decoder.load_image(data), rtol=0, atol=ATOL)
+    check_card(out, "vlm", {"vision-language", "lora"}, evaluation)
+
+    api = RecordingApi()
+    push(out, "user/tiny-vlm", api=api)  # an export: uploaded as it is
+    assert api.uploaded == {str(p.relative_to(out)): p.read_bytes()
+                            for p in out.rglob("*") if p.is_file()}  # fmt: skip
+    assert {"README.md", "projector.safetensors", "vision/preprocessor_config.json",
+            "lm/tokenizer_config.json", "lm/generation_config.json",
+            "lm_adapter/adapter_config.json"} <= api.uploaded.keys()  # fmt: skip
 
 
 def test_generate_cli_answers_as_the_training_time_evaluation(vqa, tmp_path):

@@ -20,6 +20,9 @@ class ImageTextDecoder:
     """Raw sample dict -> {"pixel_values", "input_ids", "attention_mask", "key"}.
 
     Raises BadSample (counted and skipped by ShardStream) for data that cannot be used.
+    `image_keys` / `text_keys`: the member extensions that may hold the image and the caption,
+    `;`-separated (webdataset's alternatives, e.g. "jpg;png;webp"): the first one the sample
+    has is used; a sample with none is skipped as missing_image / missing_text.
     Captions always end in EOS: text towers pool at the last real token, and tokenizers
     such as Qwen's add no EOS themselves. Padding uses the pad token, else EOS (Qwen has
     no pad token); the attention mask marks the real tokens.
@@ -34,8 +37,8 @@ class ImageTextDecoder:
         max_text_len: int = 77,
         max_pixels: int = 64_000_000,
         max_caption_bytes: int = 2048,
-        image_key: str = "jpg",
-        text_key: str = "txt",
+        image_keys: str = "jpg;png;webp",
+        text_keys: str = "txt;caption",
     ):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs an EOS token to end captions with")
@@ -45,8 +48,10 @@ class ImageTextDecoder:
         self.max_text_len = max_text_len
         self.max_pixels = max_pixels
         self.max_caption_bytes = max_caption_bytes
-        self.image_key = image_key
-        self.text_key = text_key
+        self.image_keys = member_keys(image_keys)
+        self.text_keys = member_keys(text_keys)
+        if not (self.image_keys and self.text_keys):
+            raise ValueError(f"no member key in image_keys={image_keys!r}, text_keys={text_keys!r}")
         self.eos_id = tokenizer.eos_token_id
         pad_id = tokenizer.pad_token_id
         self.pad_id = self.eos_id if pad_id is None else pad_id
@@ -64,7 +69,7 @@ class ImageTextDecoder:
         }
 
     def caption(self, sample: dict) -> str:
-        data = sample.get(self.text_key)
+        data = first_member(sample, self.text_keys)
         if data is None:
             raise BadSample("missing_text")
         if len(data) > self.max_caption_bytes:
@@ -89,10 +94,20 @@ class ImageTextDecoder:
         return input_ids, attention_mask
 
     def image(self, sample: dict) -> torch.Tensor:
-        data = sample.get(self.image_key)
+        data = first_member(sample, self.image_keys)
         if data is None:
             raise BadSample("missing_image")
         return self.load_image(data)
+
+
+def member_keys(keys: str) -> tuple[str, ...]:
+    """`"jpg;png;webp"` -> ("jpg", "png", "webp"), lower-case as shard readers store them."""
+    return tuple(key.strip().lower() for key in keys.split(";") if key.strip())
+
+
+def first_member(sample: dict, keys: tuple[str, ...]) -> bytes | None:
+    """The data of the first of `keys` the sample has (webdataset's getfirst), else None."""
+    return next((sample[key] for key in keys if key in sample), None)
 
 
 class ImageLoader:
@@ -147,7 +162,9 @@ class ImageLoader:
         size = self.image_size
         width, height = image.size
         scale = size / min(width, height)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        # The longer side truncated, as transformers' image processors, torchvision and
+        # open_clip compute it: an exported tower's AutoImageProcessor gives the same pixels.
+        new_w, new_h = max(size, int(width * scale)), max(size, int(height * scale))
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
         left, top = (new_w - size) // 2, (new_h - size) // 2

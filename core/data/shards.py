@@ -3,6 +3,16 @@
 Layout (webdataset, as pixparse/cc3m-wds and open_clip use it): consecutive members
 `{key}.{ext}` with the same key form one sample; `sizes.json` maps shard file name to its
 sample count.
+
+`index_shards` writes those counts without reading the tars, from what the tool that wrote them
+left beside them:
+- img2dataset: `{shard}_stats.json` per `{shard}.tar` (`img2dataset/logger.py:write_stats`,
+  written after the tar is closed). Its `successes` counts the samples written to the tar: the
+  webdataset writer writes a sample only for a successful image; failed downloads and resizes
+  (`failed_to_download`, `failed_to_resize`; `count` is all of them) go to the parquet only.
+- `_info.json` (or `info.json`) as pixparse/cc3m-wds ships it and timm's ReaderWds reads it
+  (`timm/data/readers/reader_wds.py:_parse_split_info`): {"splits": {split: {"name",
+  "num_samples", "filenames": [...], "shard_lengths": [...]}}}, a length per file name.
 """
 
 from __future__ import annotations
@@ -14,7 +24,9 @@ import os
 import re
 import shutil
 import tarfile
+from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,6 +37,8 @@ from core.data.errors import BadSample
 log = logging.getLogger(__name__)
 
 SIZES_FILE = "sizes.json"
+STATS_SUFFIX = "_stats.json"  # img2dataset: 00000_stats.json beside 00000.tar
+INFO_FILES = ("_info.json", "info.json")  # pixparse/timm split info, in the order timm tries
 CC3M_REPO = "pixparse/cc3m-wds"
 BLOCK = tarfile.BLOCKSIZE
 # A member name splits into key and extension at the first dot of its base name (webdataset rule).
@@ -39,24 +53,57 @@ def write_tar(path: str | Path, samples: Iterable[tuple[str, dict[str, bytes]]])
     Written under a temporary name and renamed when complete, so a crash never leaves a
     valid-looking shard. Headers carry no time or owner: the same samples give the same bytes.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    try:
-        with open(tmp, "wb") as file:
-            with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, fields in samples:
-                    for ext, data in fields.items():
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size, info.mode, info.mtime = len(data), 0o644, 0
-                        tar.addfile(info, io.BytesIO(data))
-                    count += 1
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return count
+    with TarShard(path) as tar:
+        for key, fields in samples:
+            tar.add(key, fields)
+    return tar.count
+
+
+class TarShard:
+    """One shard written sample by sample, as write_tar writes it: under `path`.tmp, renamed to
+    `path` by `commit()` (or on leaving a `with` block normally); `abort()` (or an exception in
+    the block) removes it. Headers carry no time or owner: the same samples give the same bytes.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.count = 0
+        self._file = open(self.tmp, "wb")  # noqa: SIM115 (closed by commit or abort)
+        self._tar = tarfile.open(  # noqa: SIM115 (closed by commit)
+            fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT
+        )
+
+    def add(self, key: str, fields: dict[str, bytes]) -> None:
+        for ext, data in fields.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def commit(self) -> int:
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self.tmp, self.path)
+        finally:
+            self.abort()
+        return self.count
+
+    def abort(self) -> None:
+        self._file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> TarShard:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def write_sizes(out_dir: str | Path, sizes: dict[str, int], merge: bool = True) -> Path:
@@ -133,6 +180,106 @@ def count_samples(path: str | Path) -> tuple[int, bool]:
     """(number of samples, truncated) of a local tar; raises when it is unreadable."""
     samples, truncated = index_tar(path)
     return len(samples), truncated
+
+
+@dataclass
+class ShardIndex:
+    """Sample counts of a directory's shards: `sizes` {file name: samples}, `sources`
+    {"_info.json" | "_stats.json" | "read": shards counted that way}, `problems` {file name:
+    why it has no count}."""
+
+    sizes: dict[str, int] = field(default_factory=dict)
+    sources: Counter = field(default_factory=Counter)
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+def listed_counts(directory: str | Path) -> tuple[dict[str, int], dict[str, int]]:
+    """({file name: samples} from `_info.json` or `info.json`, the same from `*_stats.json`) in
+    `directory`, read as the module docstring describes; ValueError names a malformed file."""
+    directory = Path(directory)
+    info: dict[str, int] = {}
+    path = next((directory / n for n in INFO_FILES if (directory / n).is_file()), None)
+    if path is not None:
+        try:
+            splits = json.loads(path.read_text()).get("splits") or {}
+            for split in splits.values() if isinstance(splits, dict) else splits:
+                names, lengths = split.get("filenames"), split.get("shard_lengths")
+                if names is None and lengths is None:
+                    continue  # a split described without its shards
+                if len(names) != len(lengths):
+                    raise ValueError("filenames and shard_lengths differ in length")
+                for name, length in zip(names, lengths):
+                    info[Path(name).name] = _count(length)
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path}: not a split info file ({err})") from None
+    stats: dict[str, int] = {}
+    for path in sorted(directory.glob(f"*{STATS_SUFFIX}")):
+        try:
+            successes = _count(json.loads(path.read_text())["successes"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not an img2dataset stats file ({err!r})") from None
+        stats[path.name.removesuffix(STATS_SUFFIX) + ".tar"] = successes
+    return info, stats
+
+
+def _count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a sample count")
+    return value
+
+
+def index_shards(
+    directory: str | Path,
+    names: Iterable[str],
+    read: bool = False,
+    metadata: bool = True,
+    listed: tuple[dict[str, int], dict[str, int]] | None = None,
+) -> ShardIndex:
+    """Counts of the shards `names` (file names in `directory`) from the files their writer left
+    beside them (`metadata`), without opening a tar; with `read`, shards that no such file
+    lists, or whose listing looks wrong, are counted by reading them (as are all when not
+    `metadata`). A listed count is checked against the file only cheaply: a tar is a whole
+    number of 512-byte blocks with a header block per member, so a file that is not, or too
+    small for its count, is a problem (truncated or mislisted) and is read (`read`) or left out.
+    An `_info.json` and a `_stats.json` that disagree on a shard are a problem too.
+    `listed`: what `listed_counts(directory)` returned, if the caller has it already."""
+    directory = Path(directory)
+    if listed is None:
+        listed = listed_counts(directory) if metadata else ({}, {})
+    info, stats = listed
+    index = ShardIndex()
+    for name in names:
+        path = directory / name
+        listed = {src: c[name] for src, c in (("_info.json", info), ("_stats.json", stats))
+                  if name in c}  # fmt: skip
+        problem = None
+        if len(set(listed.values())) > 1:
+            problem = "listed counts disagree: " + ", ".join(f"{k} {v}" for k, v in listed.items())
+        elif listed:
+            source, count = next(iter(listed.items()))
+            size = path.stat().st_size
+            if size == 0 or size % BLOCK or count * BLOCK > size:
+                problem = f"{size} bytes cannot hold the {count} samples {source} lists"
+            else:
+                index.sizes[name] = count
+                index.sources[source] += 1
+                continue
+        else:
+            problem = "no _info.json or _stats.json lists it"
+        if not read:
+            index.problems[name] = problem
+            continue
+        try:
+            count, truncated = count_samples(path)
+        except (OSError, tarfile.TarError) as exc:
+            index.problems[name] = f"unreadable: {exc}"
+            continue
+        if truncated:
+            index.problems[name] = "truncated"
+        else:
+            index.sizes[name] = count
+            index.sources["read"] += 1
+    return index
 
 
 class IndexedShard:
@@ -213,42 +360,53 @@ def open_shard(url: str) -> IndexedShard | BufferedShard:
 
 
 def fetch_cc3m(
-    out_dir: str | Path, source: str = CC3M_REPO, splits: Iterable[str] = ("train", "validation")
+    out_dir: str | Path,
+    source: str = CC3M_REPO,
+    splits: Iterable[str] = ("train", "validation"),
+    verify: bool = False,
 ) -> tuple[dict[str, int], list[str]]:
-    """Copy (local dir) or download (hub dataset id) CC3M shards into `out_dir`, then verify them.
+    """Copy (local dir) or download (hub dataset id) CC3M shards into `out_dir` and count them.
 
-    Shards follow pixparse/cc3m-wds names, `cc3m-{split}-0000.tar`. Every tar is read back;
-    readable ones go into sizes.json. Returns (sizes of the readable shards, unreadable names).
+    Shards follow pixparse/cc3m-wds names, `cc3m-{split}-0000.tar`. A shard listed in the
+    source's `_info.json` (or img2dataset `_stats.json`) is counted from it (see index_shards:
+    no tar is read, ~270 GB for CC3M); the others, and all with `verify`, are read back.
+    Countable ones go into sizes.json. Returns (their sizes, unreadable or truncated names).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     patterns = [f"cc3m-{split}-*.tar" for split in splits]
-    if Path(source).is_dir():
+    local = Path(source).is_dir()
+    if local:
         _copy_matching(Path(source), out_dir, patterns)
     else:
         from huggingface_hub import snapshot_download
 
         snapshot_download(
-            repo_id=source, repo_type="dataset", allow_patterns=patterns, local_dir=out_dir
+            repo_id=source,
+            repo_type="dataset",
+            allow_patterns=[*patterns, *INFO_FILES],
+            local_dir=out_dir,
         )
     paths = sorted({p for pattern in patterns for p in out_dir.glob(pattern)})
     if not paths:
         raise FileNotFoundError(f"no shards matching {patterns} in {source}")
-    sizes, bad = {}, []
-    for path in paths:
-        try:
-            count, truncated = count_samples(path)
-        except (OSError, tarfile.TarError) as exc:
-            log.error("shard %s is unreadable: %s", path, exc)
-            bad.append(path.name)
-            continue
-        if truncated:
-            log.error("shard %s is truncated", path)
-            bad.append(path.name)
-        else:
-            sizes[path.name] = count
+    # Copies keep the source's names and bytes (same size): its listing counts them.
+    listing = Path(source) if local else out_dir
+    try:
+        listed = index_shards(listing, [p.name for p in paths], metadata=not verify)
+    except ValueError as err:
+        log.warning("%s; reading every shard", err)
+        listed = ShardIndex()
+    unlisted = [p.name for p in paths if p.name not in listed.sizes]
+    read = index_shards(out_dir, unlisted, read=True, metadata=False)
+    for name, problem in read.problems.items():
+        log.error("shard %s is %s", out_dir / name, problem)
+    sizes = dict(sorted((listed.sizes | read.sizes).items()))
+    if listed.sizes:
+        log.info("%d shards counted from the source's listing, %d read", len(listed.sizes),
+                 len(read.sizes))  # fmt: skip
     write_sizes(out_dir, sizes)
-    return sizes, bad
+    return sizes, sorted(read.problems)
 
 
 def _copy_matching(source: Path, out_dir: Path, patterns: list[str]) -> None:

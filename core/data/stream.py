@@ -2,13 +2,14 @@
 
 Split. Each rank runs `num_workers` DataLoader workers (or reads in-process when 0); each
 (rank, worker) pair is a *slot*. With at least as many shards as slots, every epoch's
-seeded shard permutation is dealt round-robin to the slots. With fewer shards, a warning
-is logged and every slot reads every shard but keeps every k-th sample of the shard's
-(shared) sample permutation, k = number of slots. Either way an epoch delivers every
-sample exactly once across all slots. The fallback keeps every slot fed (a slot without
-data would stall the in-order DataLoader) for any shard count; local tars are indexed,
-so a slot reads only its own samples' bytes, while streamed shards are read once per slot.
-Each slot runs through its own epochs, so with uneven shards per slot, slots drift apart.
+seeded shard permutation is dealt round-robin to the slots. With fewer shards (said once
+per process: a warning for training, INFO for evaluation), every slot reads every shard but
+keeps every k-th sample of the shard's (shared) sample permutation, k = number of slots.
+Either way an epoch delivers every sample exactly once across all slots. The fallback
+keeps every slot fed (a slot without data would stall the in-order DataLoader) for any shard
+count; local tars are indexed, so a slot reads only its own samples' bytes, while streamed
+shards are read once per slot. Each slot runs through its own epochs, so with uneven shards per
+slot, slots drift apart.
 
 Order and resume. A slot reads its shards in groups of `interleave` consecutive shards of its
 list (1 by default: shard by shard); within a group, samples are read in one seeded
@@ -79,6 +80,8 @@ from core.data.errors import BadSample, DataError
 from core.data.shards import listed_samples, open_shard
 
 log = logging.getLogger(__name__)
+# (shard URLs, world size, slots per rank, training?) already told about reading every shard
+_SPLIT_SAID: set[tuple] = set()
 
 MIN_SEEN_FOR_BAD_CHECK = 100  # one early bad sample must not stop a run
 MAX_EMPTY_PASSES = 10  # a slot may draw only broken shards in an epoch, but not every time
@@ -424,14 +427,31 @@ class ShardStream:
         self._restart()
 
     def _warn_if_split_samples(self) -> None:
+        """Say once per process and stream layout that every slot reads every shard.
+
+        What a researcher needs to know: the split is still exact (each sample once per epoch),
+        but every slot opens every shard, so streamed shards are downloaded once per slot and
+        a training run should get more shards (a warning). An evaluation stream (finite) over
+        a small validation split of one or two shards is the expected case and harmless (local
+        tars are indexed: a slot reads only its own samples' bytes), so it is said at INFO
+        level. Evaluators build a fresh stream at every evaluation: without the once-only
+        rule the same line would be repeated at every evaluation of a run.
+        """
         plan = self._plan
-        if plan.split_samples:
-            log.warning(
-                "%d shards < %d ranks x %d workers: every slot reads all shards and keeps every "
-                "%d-th sample; give at least %d shards to split by shard",
-                len(plan.urls), plan.world_size, plan.slots_per_rank, plan.total_slots,
-                plan.total_slots,
-            )  # fmt: skip
+        if not plan.split_samples:
+            return
+        key = (tuple(plan.urls), plan.world_size, plan.slots_per_rank, plan.epochs is None)
+        if key in _SPLIT_SAID:
+            return
+        _SPLIT_SAID.add(key)
+        log.log(
+            logging.WARNING if plan.epochs is None else logging.INFO,
+            "%d shards < %d ranks x %d workers: every slot reads all shards and keeps every "
+            "%d-th sample%s; give at least %d shards to split by shard",
+            len(plan.urls), plan.world_size, plan.slots_per_rank, plan.total_slots,
+            "" if plan.epochs is None else " (evaluation: every sample is still read once)",
+            plan.total_slots,
+        )  # fmt: skip
 
     def _set_logical(self, world_size: int, batch_size: int) -> None:
         """Emulate the logical layout world_size x batch_size (this rank's own: the plain one)."""

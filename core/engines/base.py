@@ -31,13 +31,37 @@ class Engine:
 
     @property
     def lr(self) -> float:
-        return self.scheduler.optimizer.param_groups[0]["lr"]
+        """The current learning rate of optim.lr's parameters."""
+        return self.lrs["default"]
+
+    @property
+    def lrs(self) -> dict[str, float]:
+        """The current learning rate by param-group name (the groups' "name", core/optim.py):
+        "default" (optim.lr's; the schedule's value even when every trained parameter went to
+        an lr_groups pattern) and each optim.lr_groups pattern."""
+        sched = self.scheduler
+        lrs = {}
+        for group in sched.optimizer.param_groups:
+            lrs.setdefault(group.get("name", "default"), group["lr"])
+        if "default" not in lrs:  # DeepSpeed drops empty groups
+            default = sched.optimizer.defaults["lr"] * sched.lr_lambdas[0](sched.last_epoch)
+            lrs = {"default": default, **lrs}
+        return lrs
 
     def load_scheduler(self, state: dict) -> None:
-        """The schedule's position, and the learning rates it implies set on the optimizer."""
-        self.scheduler.load_state_dict(state)
-        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        """The schedule's position from a checkpoint; its base learning rates stay this run's
+        (optim.lr and optim.lr_groups, scaled), and every group's lr is set to the schedule's at
+        that position. The same config gives the very values the run had; a longer
+        optim.max_steps, or a new lr (resume_changes=allow), applies from the first step."""
+        sched = self.scheduler
+        base_lrs = list(sched.base_lrs)  # the optimizer's groups may hold the saved ones by now
+        sched.load_state_dict(state)
+        sched.base_lrs = base_lrs
+        groups = sched.optimizer.param_groups
+        for group, base, factor in zip(groups, base_lrs, sched.lr_lambdas, strict=True):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(sched.last_epoch)  # what LambdaLR.step computes
+        sched._last_lr = [group["lr"] for group in groups]
 
     def full_model(self):
         """The task with full weights on every rank, for evaluation (collective for sharded

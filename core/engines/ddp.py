@@ -16,7 +16,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, ConfigError
 from ..distributed import DistInfo
-from ..optim import build_optimizer, build_scheduler
+from ..optim import (
+    build_optimizer,
+    build_scheduler,
+    group_hyperparameters,
+    restore_hyperparameters,
+)
 from .base import Engine
 from .wrap import prepare
 
@@ -83,7 +88,9 @@ class DDPEngine(Engine):
         opt = torch.load(
             directory / "optimizer.pt", map_location=self.dist.device, weights_only=True
         )
+        hyper = group_hyperparameters(self.optimizer)  # this run's config's
         self.optimizer.load_state_dict(opt["optimizer"])
+        restore_hyperparameters(self.optimizer, hyper)
         self.load_scheduler(opt["scheduler"])
 
     can_reshard = True  # a full replica loads into any world size

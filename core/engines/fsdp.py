@@ -24,7 +24,12 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from ..config import Config, ConfigError
 from ..distributed import DistInfo
-from ..optim import build_optimizer, build_scheduler
+from ..optim import (
+    build_optimizer,
+    build_scheduler,
+    group_hyperparameters,
+    restore_hyperparameters,
+)
 from .base import Engine
 from .wrap import (
     EvalCopy,
@@ -110,12 +115,14 @@ class FSDPEngine(Engine):
         model_sd, optim_sd = get_state_dict(self.task, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=directory / "dcp")
+        hyper = group_hyperparameters(self.optimizer)  # this run's config's
         set_state_dict(
             self.task,
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
         )
+        restore_hyperparameters(self.optimizer, hyper)
         self.load_scheduler(torch.load(directory / "scheduler.pt", weights_only=True)["scheduler"])
 
     can_reshard = True  # DCP loads into any world size

@@ -28,7 +28,12 @@ import torch
 
 from ..config import Config, ConfigError
 from ..distributed import DistInfo, barrier
-from ..optim import build_scheduler, param_groups
+from ..optim import (
+    build_scheduler,
+    group_hyperparameters,
+    optimizer_groups,
+    restore_hyperparameters,
+)
 from .base import Engine
 from .wrap import (
     EvalCopy,
@@ -182,7 +187,7 @@ class DeepSpeedEngine(Engine):
         self.scalar_names = lift_scalars(task)
         prepare(task, cfg.engine)
         o = cfg.optim
-        groups = [g for g in param_groups(task, o.weight_decay) if g["params"]]
+        groups = [g for g in optimizer_groups(task, o, lr) if g["params"]]  # as ddp's, less empties
         self.base_optimizer = _GatedAdamW(
             groups, lr=lr, betas=tuple(o.betas), eps=o.eps, foreach=True
         )
@@ -228,7 +233,7 @@ class DeepSpeedEngine(Engine):
         )
 
     def load(self, directory: Path, universal: bool = False) -> None:
-        hyper = group_hyperparameters(self.base_optimizer) if universal else []
+        hyper = group_hyperparameters(self.base_optimizer)  # this run's config's
         self.model._config.load_universal_checkpoint = universal
         _, client = self.model.load_checkpoint(
             str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -237,6 +242,8 @@ class DeepSpeedEngine(Engine):
             raise RuntimeError(f"{directory}: no DeepSpeed checkpoint under tag {TAG!r}")
         if universal:
             repair_universal_load(self.base_optimizer, hyper)
+        else:
+            restore_hyperparameters(self.base_optimizer, hyper)
         self.load_scheduler(client["scheduler"])
 
     can_reshard = True  # through a universal checkpoint, see `load_resharded`
@@ -326,19 +333,14 @@ class Zero3Engine(DeepSpeedEngine):
         return {k: int(v) for k, v in out.items()}
 
 
-def group_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """Each param group's settings (everything but its params), as the run config made them."""
-    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-
-
 def repair_universal_load(optimizer: torch.optim.Optimizer, hyper: list[dict]) -> None:
     """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19): it gives every param group
     the hyperparameters of the saved group 0 (the no-decay group would be decayed), and every
     group's state the very same `step` tensor, which AdamW then advances in place once per group
     per step (a wrong bias correction: the loss drifted by up to 6e-3). `hyper`: the groups'
-    `group_hyperparameters` from before the load; the lr is the schedule's."""
-    for group, own in zip(optimizer.param_groups, hyper, strict=True):
-        group.update(own)
+    `group_hyperparameters` from before the load; each group's lr is then the schedule's, from
+    its own base lr (`Engine.load_scheduler`), so several lr_groups come back right too."""
+    restore_hyperparameters(optimizer, hyper)
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()

@@ -3,18 +3,27 @@ weighted exactly as in training: sum of losses / sum of `loss_weight` over every
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from .. import distributed
-from .base import EvalContext, Evaluator
+from .base import EvalContext, Evaluator, Options
+
+
+@dataclass
+class LossOptions(Options):
+    subsets: list[str] = field(default_factory=list)  # {subset} data: default the mixture's
 
 
 class LossEvaluator(Evaluator):
     name = "loss"
+    Options = LossOptions
 
     def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
         total = torch.zeros(2, dtype=torch.float64)
-        for batch in ctx.batches(task.val_stream(ctx.dist, ctx.batch_size)):
+        stream = task.val_stream(ctx.dist, ctx.batch_size, self.options.subsets or None)
+        for batch in ctx.batches(stream):
             weight = task.loss_weight(batch)
             total += torch.tensor([float(task(batch).loss), float(weight)], dtype=torch.float64)
         loss_sum, weight = distributed.all_reduce_sum(list(total.to(ctx.dist.device)))

@@ -41,7 +41,9 @@ What the loop does with a task (core/loop.py), and so what each method must guar
 Optional capabilities are declared by inheriting a mixin (never probed with hasattr):
 `ImageTextEmbedder` (retrieval, zero-shot), `Generative` (VQA, generation samples, `vlscale
 generate`). `export_hf` (`vlscale export`) has a default that writes nothing beyond the full
-state dict, which the command always writes.
+state dict, which the command always writes; each directory it writes should load in transformers
+alone (core/export.py: tokenizer, image processor and generation config helpers). `model_card`
+adds the kind's tags and notes to the export's README.md.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, DataConfig, TaskConfig
+from ..flops import TowerCost
 
 
 class TaskOutput(NamedTuple):
@@ -104,8 +107,10 @@ class Task(nn.Module, ABC):
     def train_stream(self, dist):
         """The training batches of this rank (a resumable ShardStream)."""
 
-    def val_stream(self, dist, batch_size: int):
-        """The validation split decoded as training batches, once (the loss evaluator's)."""
+    def val_stream(self, dist, batch_size: int, subsets: list[str] | None = None):
+        """The validation split decoded as training batches, once (the loss evaluator's).
+        `subsets`: where data.val has a `{subset}` pattern, the subsets to read (default: the
+        training mixture's; `val_mixture` in core/tasks/common.py)."""
         raise ConfigError(f"task.kind={self.kind} has no validation stream")
 
     @abstractmethod
@@ -116,9 +121,24 @@ class Task(nn.Module, ABC):
         """How many units `forward(batch).loss` sums over (read before the forward)."""
         return 1.0
 
+    def tower_costs(self) -> dict[str, TowerCost]:
+        """What its FLOPs depend on (core/flops.py), read once by `build_task` after the
+        trainable patterns are set and before an engine shards anything. {}: not counted."""
+        return {}
+
+    def flops(self, batch: dict) -> float:
+        """Model FLOPs of training on this host-side micro-batch (forward + backward, real
+        tokens only; core/flops.py), from `self.costs`. 0: not counted (no MFU logged)."""
+        return 0.0
+
     # ------------------------------------------------------------------ results
     def export_hf(self, out: Path, state: dict[str, torch.Tensor]) -> None:  # noqa: B027
         """Write the task's towers in Hugging Face layout under `out` (`vlscale export`)."""
+
+    def model_card(self) -> dict[str, Any]:
+        """What the export's model card (OUT/README.md, core/export.py) says of this kind beyond
+        what it finds in OUT: {"tags": [Hub tags], "notes": markdown (how the parts fit)}."""
+        return {}
 
 
 class ImageTextEmbedder(ABC):
@@ -181,6 +201,7 @@ def build_task(cfg: Config) -> Task:
     task = task_class(cfg.task.kind)(cfg)
     task.check_config()
     set_trainable(task, cfg.task.trainable or task.default_trainable(), cfg.task.freeze)
+    task.costs = task.tower_costs()
     return task
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import models
-from ..config import Config
+from ..config import Config, ConfigError
 from ..data.mixture import mixture_urls
 from ..data.preprocess import collate as default_collate
 from ..data.stream import ShardStream
@@ -74,3 +74,17 @@ def make_stream(
         pin_memory=dist.device.type == "cuda",
         interleave=cfg.data.interleave if train else 1,
     )
+
+
+def val_mixture(cfg: Config, subsets: list[str] | None = None) -> dict | None:
+    """Each validation subset once: `subsets`, default the training mixture's. None where
+    data.val has no `{subset}` pattern; an error where it has one and no subset is named."""
+    if "{subset}" not in cfg.data.val:
+        return None
+    chosen = list(subsets or cfg.data.mixture)
+    if not chosen:
+        raise ConfigError(
+            f"data.val={cfg.data.val!r} has a {{subset}} pattern but no subsets: set "
+            "data.mixture or the evaluator's subsets option"
+        )
+    return dict.fromkeys(chosen)

@@ -13,10 +13,12 @@ from torch import nn
 
 from .. import models
 from ..config import Config, ConfigError, DataConfig, TaskConfig
-from ..data.preprocess import ImageTextDecoder, with_attributes
+from ..data.preprocess import ImageTextDecoder, member_keys, with_attributes
+from ..export import save_image_processor, save_tokenizer
+from ..flops import TowerCost
 from ..losses import sigmoid_loss
 from .base import ImageTextEmbedder, Task, TaskOutput, register_task
-from .common import build_tokenizer, load_tower, make_stream, pool_tokens
+from .common import build_tokenizer, load_tower, make_stream, pool_tokens, val_mixture
 
 
 @dataclass
@@ -36,6 +38,10 @@ class ImageTextDataConfig(DataConfig):
 
     max_text_len: int = 77
     max_caption_bytes: int = 4096
+    # Members holding the image / the caption, `;`-separated: the first a sample has is used;
+    # a sample with none is skipped (missing_image / missing_text).
+    image_keys: str = "jpg;png;webp"
+    text_keys: str = "txt;caption"
 
 
 @register_task
@@ -49,6 +55,9 @@ class SigLIPTask(Task, ImageTextEmbedder):
         t = cfg.task
         if not (cfg.model.text or cfg.model.text_config):
             raise ConfigError("task.kind=siglip: set model.text or model.text_config")
+        for name in ("image_keys", "text_keys"):
+            if not member_keys(getattr(cfg.data, name)):
+                raise ConfigError(f"data.{name}: names no member extension (e.g. jpg;png)")
         self.tokenizer = build_tokenizer(cfg)
         self.vision = load_tower(cfg.model.vision, cfg.model.vision_config, cfg.model.image_size)
         # A text tower built from a config gets the tokenizer's vocabulary unless it names one.
@@ -78,6 +87,8 @@ class SigLIPTask(Task, ImageTextEmbedder):
             max_text_len=cfg.data.max_text_len,
             max_pixels=cfg.data.max_pixels,
             max_caption_bytes=cfg.data.max_caption_bytes,
+            image_keys=cfg.data.image_keys,
+            text_keys=cfg.data.text_keys,
         )
 
     def blocks(self) -> dict[str, nn.ModuleList]:
@@ -85,6 +96,23 @@ class SigLIPTask(Task, ImageTextEmbedder):
 
     def tokens_per_sample(self) -> dict[str, int]:
         return {"vision": self.vision.num_tokens, "text": self.cfg.data.max_text_len}
+
+    def tower_costs(self) -> dict[str, TowerCost]:
+        text = self.text.config
+        vision = TowerCost.of(self.vision, len(self.vision.blocks), self.vision.hidden_size)
+        text = TowerCost.of(self.text, text.num_layers, text.num_heads * text.head_dim)
+        heads = nn.ModuleList([self.image_proj, self.text_proj])  # on pooled features
+        upstream = vision.grad_flows or text.grad_flows
+        return {"vision": vision, "text": text,
+                "heads": TowerCost.of(heads, 0, 0, grad_upstream=upstream)}  # fmt: skip
+
+    def flops(self, batch: dict) -> float:
+        c, n = self.costs, len(batch["pixel_values"])
+        per_image = self.vision.num_tokens
+        lengths = batch["attention_mask"].sum(dim=1)
+        return (c["vision"].flops(n * per_image, n * per_image**2)
+                + c["text"].flops(int(lengths.sum()), int((lengths**2).sum()))
+                + c["heads"].flops(n, 0))  # fmt: skip
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.vision(pixel_values)
@@ -124,9 +152,42 @@ class SigLIPTask(Task, ImageTextEmbedder):
         )
 
     def export_hf(self, out, state: dict) -> None:
-        """The towers as Hugging Face checkpoints: out/vision, out/text."""
+        """The towers as Hugging Face checkpoints: out/vision (+ the image processor of its
+        training preprocessing), out/text (+ the tokenizer)."""
         models.save_pretrained(self.vision, out / "vision")
+        save_image_processor(self.vision, out / "vision", crop=self.decoder.load_image.crop)
         models.save_pretrained(self.text, out / "text")
+        save_tokenizer(self.tokenizer, out / "text")
+
+    def model_card(self) -> dict:
+        t, data = self.cfg.task, self.cfg.data
+        image = {
+            "map": "vision/'s attention-pooling head",
+            "cls": "vision/'s CLS token",
+            "mean": "the mean of vision/'s patch tokens",
+            "last": "vision/'s last token",
+        }[t.pooling]
+        notes = [
+            f"- Embeddings: image = normalize(image_proj({image})); text = normalize(text_proj("
+            f"the {t.text_pooling} of text/'s hidden states over the real tokens)); pair logits "
+            "= exp(logit_scale) * image . text + logit_bias. `image_proj`, `text_proj`, "
+            "`logit_scale` and `logit_bias` are in `model.safetensors`.",
+            f"- Captions: at most {data.max_text_len} tokens, no special tokens but an EOS "
+            f"({self.tokenizer.eos_token!r}) at the end, which vlscale appends when the tokenizer "
+            "does not add it itself; padding is masked.",
+            "- vision/'s image processor is the training preprocessing: the shorter side resized "
+            f"to {self.vision.image_size} (bicubic), the centre square cropped.",
+        ]
+        if t.text_attention == "bidirectional":
+            notes.append(
+                "- text/ was trained with bidirectional attention: transformers runs it causally, "
+                "which changes its hidden states; for the trained embeddings load it with vlscale "
+                "(`core.models.from_pretrained`, called with `mask_kind='bidirectional'`)."
+            )
+        return {
+            "tags": ["siglip", "contrastive", "image-text-retrieval"],
+            "notes": "\n".join(notes),
+        }
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = [self.decoder.tokenize(text) for text in texts]
@@ -135,9 +196,10 @@ class SigLIPTask(Task, ImageTextEmbedder):
     def train_stream(self, dist):
         return make_stream(self.cfg, dist, self.cfg.data.train, self.decoder, train=True)
 
-    def val_stream(self, dist, batch_size: int):
+    def val_stream(self, dist, batch_size: int, subsets: list[str] | None = None):
         """Validation pairs with each sample's JSON metadata as "attributes" (for zero-shot)."""
         decode = with_attributes(self.decoder)
         return make_stream(
-            self.cfg, dist, self.cfg.data.val, decode, train=False, batch_size=batch_size
-        )
+            self.cfg, dist, self.cfg.data.val, decode, train=False, batch_size=batch_size,
+            mixture=val_mixture(self.cfg, subsets),
+        )  # fmt: skip

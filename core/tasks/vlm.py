@@ -28,11 +28,13 @@ from ..config import Config, ConfigError, DataConfig, TaskConfig
 from ..consolidate import fit_state, run_state
 from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder
 from ..data.packing import PackedCollate, PromptCollate, supervised_targets
+from ..export import chatml_template, save_generation_config, save_image_processor, save_tokenizer
+from ..flops import TowerCost, segment_square_sum
 from ..lora import LoraConfig, add_lora, has_lora, merge_lora_state, write_peft_adapter
 from ..models.generation import generate
 from ..models.vlm import Projector, choose_shuffle, splice_images
 from .base import Generative, Task, TaskOutput, register_task
-from .common import build_tokenizer, load_tower, make_stream
+from .common import build_tokenizer, load_tower, make_stream, val_mixture
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,28 @@ class VLMTask(Task, Generative):
     def tokens_per_sample(self) -> dict[str, int]:
         return {"vision": self.vision.num_tokens, "lm": self.cfg.data.max_seq_len}
 
+    def tower_costs(self) -> dict[str, TowerCost]:
+        vision = TowerCost.of(self.vision, len(self.vision.blocks), self.vision.hidden_size)
+        projector = TowerCost.of(self.projector, 0, 0, grad_upstream=vision.grad_flows)
+        lm = self.lm.config
+        return {
+            "vision": vision,
+            "projector": projector,
+            "lm": TowerCost.of(self.lm, lm.num_layers, lm.num_heads * lm.head_dim,
+                               grad_upstream=projector.grad_flows, exclude=(self.lm.lm_head,)),
+            # applied only where a target is supervised (see forward)
+            "lm_head": TowerCost.of(self.lm.lm_head, 0, 0, grad_upstream=True),
+        }  # fmt: skip
+
+    def flops(self, batch: dict) -> float:
+        c = self.costs
+        images = max(len(batch["pixel_values"]), 1)  # a text-only batch runs one blank image
+        patches = self.vision.num_tokens
+        return (c["vision"].flops(images * patches, images * patches**2)
+                + c["projector"].flops(images * self.tokens_per_image, 0)
+                + c["lm"].flops(batch["real_tokens"], segment_square_sum(batch["segment_ids"]))
+                + c["lm_head"].flops(batch["supervised_tokens"], 0))  # fmt: skip
+
     def default_trainable(self) -> list[str]:
         t = self.cfg.task
         if t.stage == "align":
@@ -185,11 +209,15 @@ class VLMTask(Task, Generative):
         )
 
     def export_hf(self, out, state: dict) -> None:
-        """vision/, projector.safetensors, lm/ (adapters merged) and, for LoRA runs, lm_base/ +
-        lm_adapter/ (peft) — each loadable without vlscale (`vlscale export`)."""
+        """vision/ (+ its image processor), projector.safetensors, lm/ (adapters merged) and, for
+        LoRA runs, lm_base/ + lm_adapter/ (peft) — each loadable without vlscale (`vlscale
+        export`). lm/ and lm_base/ carry the tokenizer, whose default chat template renders
+        prompts as training did (core/export.py chatml_template), and a generation config that
+        stops at <|im_end|>."""
         from safetensors.torch import save_file
 
         models.save_pretrained(self.vision, out / "vision")
+        save_image_processor(self.vision, out / "vision", crop=self.eval_decoder.load_image.crop)
         projector = {k: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
         save_file(projector, out / "projector.safetensors")
         lm_state = {k[3:]: v for k, v in state.items() if k.startswith("lm.")}
@@ -202,8 +230,44 @@ class VLMTask(Task, Generative):
                 plain = models.from_config(self.lm.hf_config())
             plain.load_state_dict(weights, assign=True)
             models.save_pretrained(plain, out / name)
+            self._export_lm_files(out / name)
         if has_lora(lm_state):
             write_peft_adapter(state, "lm.", self.cfg.task.lora, out / "lm_adapter", "../lm_base")
+
+    def _export_lm_files(self, path) -> None:
+        tok = self.tokenizer
+        template = chatml_template(self.processor.system_prompt, self.tokens_per_image)
+        save_tokenizer(tok, path, chat_template=template)
+        # No answer is longer than a training sequence; vlscale generate's default is 64.
+        save_generation_config(
+            path, eos_token_id=self.end_of_turn_id, pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id, max_new_tokens=min(512, self.cfg.data.max_seq_len),
+        )  # fmt: skip
+
+    def model_card(self) -> dict:
+        t, size = self.cfg.task, self.vision.image_size
+        notes = [
+            f"- The parts compose as vlscale's VLM: each image, resized to {size} x {size} "
+            "(vision/'s image processor), goes through vision/"
+            + (" (its CLS token dropped)" if self.vision.has_cls_token else "")
+            + f", then the projector (`projector.*` in projector.safetensors: pixel shuffle "
+            f"{self.projector.factor} x {self.projector.factor}, {t.projector.kind}), giving "
+            f"{self.tokens_per_image} embeddings that replace, in order, the "
+            f"{self.tokens_per_image} `<|image_pad|>` input embeddings the chat template writes "
+            "per image (between `<|vision_start|>` and `<|vision_end|>`). transformers has no "
+            "class for this composition: `vlscale generate` runs it.",
+            "- lm/'s default chat template renders conversations exactly as training did"
+            + (f" (system prompt {self.processor.system_prompt!r} unless the conversation has "
+               "its own)" if self.processor.system_prompt else " (no system turn)")
+            + "; another template the source tokenizer had is kept as `chat_template=\"source\"`"
+            ". Generation stops at `<|im_end|>` (generation_config.json, greedy).",
+        ]  # fmt: skip
+        if t.lm_tuning == "lora":
+            notes.append("- lm/ has the LoRA adapters merged; lm_base/ + lm_adapter/ (peft) are "
+                         "the same model unmerged.")  # fmt: skip
+        tags = ["vision-language", "image-text-to-text", f"stage-{t.stage}"]
+        return {"tags": tags + (["lora"] if t.lm_tuning == "lora" else []),
+                "notes": "\n".join(notes)}  # fmt: skip
 
     # ------------------------------------------------------------------ data
     def packed_collate(self) -> PackedCollate:
@@ -226,23 +290,18 @@ class VLMTask(Task, Generative):
             collate=self.packed_collate(), mixture=self.cfg.data.mixture,
         )  # fmt: skip
 
-    def _val_mixture(self, subsets: list[str] | None = None) -> dict | None:
-        """Each validation subset once (`subsets`, default the training mixture's)."""
-        if "{subset}" not in self.cfg.data.val:
-            return None
-        return dict.fromkeys(subsets or self.cfg.data.mixture)
-
-    def val_stream(self, dist, batch_size: int):
+    def val_stream(self, dist, batch_size: int, subsets: list[str] | None = None):
         return make_stream(
             self.cfg, dist, self.cfg.data.val, self.train_decoder, train=False,
-            collate=self.packed_collate(), mixture=self._val_mixture(), batch_size=batch_size,
+            collate=self.packed_collate(), mixture=val_mixture(self.cfg, subsets),
+            batch_size=batch_size,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ generation
     def prompt_stream(self, dist, batch_size: int, subsets: list[str]):
         return make_stream(
             self.cfg, dist, self.cfg.data.val, self.eval_decoder, train=False,
-            collate=self.prompt_collate(), mixture=self._val_mixture(subsets),
+            collate=self.prompt_collate(), mixture=val_mixture(self.cfg, subsets),
             batch_size=batch_size,
         )  # fmt: skip
 
