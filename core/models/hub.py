@@ -6,9 +6,11 @@ Only safetensors are read: they cannot execute code, unlike pickled `.bin` files
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 SINGLE = "model.safetensors"
@@ -94,4 +96,23 @@ def resolve(path_or_id: str, allow_patterns: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
-    return Path(snapshot_download(path_or_id, allow_patterns=patterns))
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return Path(snapshot_download(path_or_id, allow_patterns=patterns))
+    # Once per node: local rank 0 downloads while the node's other ranks wait, then they find
+    # the files in the cache (instead of 8 ranks racing for the same 15 GB). Every rank builds
+    # the task, so every rank reaches the collective below.
+    first = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))) == 0
+    path, error = None, None
+    if first:
+        try:
+            path = snapshot_download(path_or_id, allow_patterns=patterns)
+        except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait forever
+            error = f"{type(err).__name__}: {err}"
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)  # also the barrier the other ranks wait at
+    failed = [e for e in errors if e]
+    if failed:
+        raise OSError(f"downloading {path_or_id} failed: {failed[0]}")
+    if not first:
+        path = snapshot_download(path_or_id, allow_patterns=patterns, local_files_only=True)
+    return Path(path)
