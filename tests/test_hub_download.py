@@ -37,6 +37,9 @@ except OSError as err:
     path, error = None, str(err)
 open(sys.argv[1] + f"/rank{{dist.rank}}.json", "w").write(json.dumps(
     {{"calls": calls, "path": path, "error": error}}))
+import torch.distributed as tdist
+tdist.barrier()  # no rank tears gloo down while the other still uses it (SIGABRT at exit)
+tdist.destroy_process_group()
 """
 
 
