@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, preemption
+from . import distributed, preemption, runlock
 from .checkpoint import Checkpointer
 from .config import Config
 from .distributed import to_device
@@ -65,6 +65,13 @@ def train(cfg: Config) -> dict:
         level=logging.INFO if dist.is_main else logging.WARNING,
         format=f"[%(asctime)s rank{dist.rank}] %(message)s",
     )
+    # One live job per run directory (core/runlock.py): taken before anything is written to it,
+    # released however this returns (a crash releases it too: the OS drops the flock).
+    with runlock.hold(cfg.run_dir, dist):
+        return _train(cfg, dist, started)
+
+
+def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
     run_dir = Path(cfg.run_dir)
     ckpt = Checkpointer(run_dir, dist, cfg.checkpoint.keep)
     resume_from = ckpt.resolve_resume(cfg.resume)

@@ -41,11 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from core.config import ConfigError
     from core.preemption import EXIT_INTERRUPTED, Interrupted
+    from core.runlock import RunLocked
 
     args = build_parser().parse_args(argv)
     try:
         return int(args._module.main(args) or 0)
-    except ConfigError as err:  # bad recipe or override: one clear line, no traceback
+    except (ConfigError, RunLocked) as err:  # bad config, or run dir in use: one line, no trace
         print(f"vlscale {args.command}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as stop:  # preemption/timeout signal: checkpointed, rerun to continue

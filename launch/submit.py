@@ -11,7 +11,8 @@ Preemption and time limits: the job is submitted with `--signal=USR2@<delay>`; e
 after the same step, one checkpoint is written, rank 0 decides timeout vs. preemption from the
 elapsed time, rewrites submitit's job pickle with `resume=auto` and runs `scontrol requeue`. The
 requeued job runs the same command and resumes from that checkpoint. Timeouts count against
-`--max-requeues`; preemptions do not.
+`--max-requeues`; preemptions do not. `train` released the run directory's lock (core/runlock.py)
+before `Interrupted` reached `_requeue`, so the requeued job never finds it held by this one.
 
 `vlscale submit --resume RUN_DIR` starts a new job from the run's saved config and its newest
 checkpoint, with the run's previous SLURM options unless given again.
