@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
-from .distributed import DistInfo, all_gather_object, barrier, broadcast_object
+from .distributed import DistInfo, all_gather_object, barrier, broadcast_object, decided_on_rank0
 from .engines import ENGINES
 
 log = logging.getLogger(__name__)
@@ -274,23 +274,10 @@ class Checkpointer:
         of the run that wrote it, by `compare(path, run_dir, cfg, world_size)`
         (core.recipe.config_changes). Rank 0 compares; every rank raises the same ConfigError,
         or returns the changes resume_changes=allow let through."""
-        outcome, failure = None, None
-        if self.dist.is_main:
-            try:
-                changes = compare(path, self.root.parent, cfg, self.dist.world_size)
-                outcome = ("ok", changes)
-            except ConfigError as err:
-                outcome = ("error", str(err))
-            except Exception as err:  # noqa: BLE001 - no rank may wait for rank 0 forever
-                outcome, failure = ("failed", f"{type(err).__name__}: {err}"), err
-        status, value = broadcast_object(outcome)
-        if failure is not None:
-            raise failure
-        if status == "failed":
-            raise RuntimeError(f"rank 0 could not compare the config with the run's: {value}")
-        if status == "error":
-            raise ConfigError(value)
-        return value
+        return decided_on_rank0(
+            lambda: compare(path, self.root.parent, cfg, self.dist.world_size),
+            ConfigError, "compare the config with the run's",
+        )  # fmt: skip
 
     def _prune(self, also: list[Path]) -> None:
         """Delete `also` and all but the newest `keep` checkpoints."""

@@ -91,6 +91,28 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def decided_on_rank0(decide, expected: type[Exception], what: str):
+    """Collective: `decide()` runs on rank 0 only and every rank returns its value, or raises
+    the same `expected` error (its message) that rank 0 raised. Any other error on rank 0 is
+    raised there and as a RuntimeError elsewhere: no rank waits for rank 0 forever."""
+    outcome, failure = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            outcome = ("ok", decide())
+        except expected as err:
+            outcome = ("expected", str(err))
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the others heard
+            outcome, failure = ("failed", f"{type(err).__name__}: {err}"), err
+    status, value = broadcast_object(outcome)
+    if failure is not None:
+        raise failure
+    if status == "failed":
+        raise RuntimeError(f"rank 0 could not {what}: {value}")
+    if status == "expected":
+        raise expected(value)
+    return value
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     """The batch's tensors on `device` (asynchronously from pinned memory); the rest as is."""
     return {

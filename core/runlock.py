@@ -325,24 +325,10 @@ def _read(fd: int) -> dict | None:
 def hold(run_dir: str | Path, dist, **options) -> Iterator[RunLock | None]:
     """Collective: rank 0 holds the run directory's lock for the duration; every rank raises
     the same RunLocked when another job holds it. Yields rank 0's RunLock (None elsewhere)."""
-    from .distributed import broadcast_object
+    from .distributed import decided_on_rank0
 
     lock = RunLock(run_dir, **options) if dist.is_main else None
-    outcome, failure = ("ok", ""), None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except RunLocked as err:
-            outcome = ("locked", str(err))
-        except Exception as err:  # noqa: BLE001 - no rank may wait for rank 0 forever
-            outcome, failure = ("failed", f"{type(err).__name__}: {err}"), err
-    status, value = broadcast_object(outcome)
-    if failure is not None:
-        raise failure
-    if status == "failed":
-        raise RuntimeError(f"rank 0 could not lock the run directory: {value}")
-    if status == "locked":
-        raise RunLocked(value)
+    decided_on_rank0(lambda: lock.acquire(), RunLocked, "lock the run directory")
     try:
         yield lock
     finally:
