@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import socket
 
 import pytest
@@ -96,6 +97,14 @@ class _Linear(torch.nn.Module):
 
 
 def _grad_sync_worker(rank: int, port: int, out):
+    try:
+        _grad_sync(rank, port, out)
+    except BaseException as err:  # the test reports it rather than waiting for a result
+        out.put((rank, "error", repr(err)))
+        raise
+
+
+def _grad_sync(rank: int, port: int, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
     os.environ.update(WORLD_SIZE="2", LOCAL_RANK=str(rank))
     from core.distributed import init_distributed
@@ -127,7 +136,13 @@ def test_inner_micro_steps_do_not_sync_gradients():
     procs = [ctx.Process(target=_grad_sync_worker, args=(r, port, out)) for r in range(2)]
     for p in procs:
         p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
+    try:
+        results = sorted(out.get(timeout=300) for _ in procs)  # spawn imports torch: slow
+    except queue.Empty:
+        codes = [p.exitcode for p in procs]
+        for p in procs:
+            p.kill()
+        raise AssertionError(f"no result from the ranks within 300 s; exit codes {codes}") from None
     for p in procs:
         p.join(timeout=60)
     # After the inner micro-step each rank holds only its own gradient; after the last one
