@@ -48,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._module.main(args) or 0)
     except (ConfigError, RunLocked) as err:  # bad config, or run dir in use: one line, no trace
         print(f"vlscale {args.command}: error: {err}", file=sys.stderr)
+        # Every rank raised the same error: tear the process group down before exiting, or
+        # gloo aborts at exit (SIGABRT) and torchrun reports that instead of this exit code.
+        from core.distributed import cleanup
+
+        cleanup()
         return 2
     except Interrupted as stop:  # preemption/timeout signal: checkpointed, rerun to continue
         print(f"vlscale {args.command}: {stop}; the same command resumes", file=sys.stderr)
