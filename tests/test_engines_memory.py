@@ -73,4 +73,5 @@ def test_plan_agrees_with_measured_model_state(nproc, precision, small):
         total = {k: r["params"] + r["grads"] + r["optimizer"] for k, r in rows.items()}
         assert total["fsdp"] <= 0.55 * total["ddp"], total
         if precision == "bf16":  # fp32 ZeRO-3 also keeps an fp32 master beside fp32 weights
-            assert total["zero3"] <= 0.55 * total["ddp"], total
+            # 2N/W bf16 weights + 4T/W master + 4T/W fp32 gradients + 8T/W AdamW = 9/16 of ddp
+            assert total["zero3"] <= 0.5625 * total["ddp"] * 1.001, total

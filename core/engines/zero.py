@@ -2,9 +2,15 @@
 DeepSpeedEngine apart from their stage, offloads and memory; optional CPU offload).
 
 The DeepSpeed config is generated from the run config on top of ds_configs/*.json, or taken from
-the user's JSON (engine.ds_config) and checked: batch sizes, accumulation, clipping and precision
-always agree with the run config, and no "auto" is left. The optimizer and schedule are the same
-AdamW and warmup+cosine as every other engine (no DeepSpeed "optimizer"/"scheduler" sections).
+the user's JSON (engine.ds_config) and checked: batch sizes, accumulation, clipping, precision
+and gradient dtypes always agree with the run config, and no "auto" is left. The optimizer and
+schedule are the same AdamW and warmup+cosine as every other engine (no DeepSpeed
+"optimizer"/"scheduler" sections).
+
+Numerics in bf16 (as fsdp's): bf16 weights and compute, fp32 master weights and AdamW state, and
+gradients reduced and accumulated in fp32 (`communication_data_type`, `data_types.
+grad_accum_dtype`; DeepSpeed's own default is bf16 for both). Evaluation runs a full copy holding
+the fp32 master weights, the very values `read_checkpoint` gives, under bf16 autocast.
 
 Step semantics: the loop already scales each micro-step's loss by 1/accum, so DeepSpeed's own
 scaling by gradient_accumulation_steps is turned off, and the accumulation boundary is set
@@ -15,6 +21,7 @@ schedule advances either way, like the DDP engine's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -75,7 +82,30 @@ def expected_values(cfg: Config, world_size: int) -> dict[str, object]:
         "zero_optimization.offload_param.device": (
             "cpu" if e.offload == "optimizer+params" else "none"
         ),
+        # Gradients are reduced and accumulated in fp32 in bf16 runs too, as under ddp and fsdp
+        # (DeepSpeed's defaults follow the model dtype: bf16); see `DEFAULT_FP32`.
+        "communication_data_type": "fp32",
+        "data_types.grad_accum_dtype": "fp32",
     }
+
+
+# The keys above that DeepSpeed would otherwise default to bf16 in a bf16 run. A user's JSON may
+# set `communication_data_type` to "bf16" in a bf16 run (a deliberate trade: half the gradient
+# traffic, the sum of the ranks' gradients rounded to bf16, no parity with ddp/fsdp); any other
+# value, and a bf16 `grad_accum_dtype` (rounding compounds over micro-steps), is refused.
+DEFAULT_FP32 = ("communication_data_type", "data_types.grad_accum_dtype")
+_DTYPES = {"fp32": ("fp32", "float32", "float", "torch.float32"),
+           "bf16": ("bf16", "bfloat16", "torch.bfloat16"),
+           "fp16": ("fp16", "float16", "half", "torch.float16")}  # fmt: skip
+
+
+def _dtype_name(value) -> object:
+    """DeepSpeed's spellings of a dtype (runtime/config.py DtypeEnum) as fp32 | bf16 | fp16."""
+    if isinstance(value, str):
+        for name, spellings in _DTYPES.items():
+            if value.lower() in spellings:
+                return name
+    return value
 
 
 _ABSENT = object()
@@ -141,6 +171,15 @@ def build_ds_config(cfg: Config, world_size: int, cuda: bool = False) -> dict:
             if key == "fp16.enabled":
                 continue
             _set(ds, key, want)
+        elif key in DEFAULT_FP32:
+            have = _dtype_name(have)
+            deliberate = key == "communication_data_type" and e.precision == "bf16"
+            if have != want and not (deliberate and have == "bf16"):
+                allowed = " (or 'bf16' in a bf16 run)" if deliberate else ""
+                mismatches.append(
+                    f"{key}={have!r} but gradients are reduced and accumulated in {want!r}"
+                    f"{allowed}, as under ddp and fsdp"
+                )
         elif not _same(have, want):
             mismatches.append(f"{key}={have!r} but the run config implies {want!r}")
     if mismatches:
@@ -191,9 +230,16 @@ class DeepSpeedEngine(Engine):
         self.base_optimizer = _GatedAdamW(
             groups, lr=lr, betas=tuple(o.betas), eps=o.eps, foreach=True
         )
+        # DeepSpeed casts the weights to bf16 and builds its fp32 masters from those: keep the
+        # fp32 values to start the masters from them, as fsdp and ddp do. References, no copy;
+        # but held through initialize, beside the bf16 copies (+2 bytes per trained parameter).
+        bf16 = self.ds_config["bf16"]["enabled"] is True
+        initial = [(p, p.data) for p in task.parameters() if p.requires_grad] if bf16 else []
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=task, optimizer=self.base_optimizer, config=copy.deepcopy(self.ds_config)
         )
+        set_fp32_masters(initial, dist.rank if self.stage == 3 else None)
+        del initial
         own_metrics(task)
         # The schedule drives the groups DeepSpeed steps (the same dicts, params swapped).
         self.scheduler = build_scheduler(self.base_optimizer, cfg.optim, total)
@@ -258,15 +304,26 @@ class DeepSpeedEngine(Engine):
         self.load(universal, universal=True)  # the schedule comes with the model states
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full tensors on every rank (collective under ZeRO-3)."""
-        if self.stage < 3:
-            state = {k: v.detach().clone() for k, v in self.task.state_dict().items()}
-        else:
-            import deepspeed
+        """Full tensors on every rank (collective): trained parameters are DeepSpeed's fp32
+        master weights (in bf16 runs not the bf16 weights the model computes with), frozen
+        parameters and buffers the module's own; as `read_checkpoint` gives them after a save."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
 
-            params = list(self.task.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                state = {k: v.detach().clone() for k, v in self.task.state_dict().items()}
+        live = self.task.state_dict(keep_vars=True)  # parameters as themselves, not gathered
+        params = {id(v): v for v in live.values() if isinstance(v, torch.nn.Parameter)}
+        frozen = [p for p in params.values() if not p.requires_grad]
+        full = {}
+        gather = contextlib.nullcontext()
+        if self.stage == 3 and frozen:  # ZeRO-3: frozen parameters have no fp32 partition
+            gather = deepspeed.zero.GatheredParameters(frozen, modifier_rank=None)
+        with gather:
+            for p in frozen:
+                full[id(p)] = p.detach().clone()
+        for p in params.values():  # module order: the same collectives on every rank
+            if p.requires_grad:
+                full[id(p)] = safe_get_full_fp32_param(p).detach().clone()
+        state = {k: full[id(v)] if id(v) in full else v.detach().clone() for k, v in live.items()}
         return unlift_scalars(state, self.scalar_names)
 
     def parameters_finite(self) -> bool:
@@ -301,11 +358,12 @@ class Zero2Engine(DeepSpeedEngine):
     def memory_per_rank(offload: str, precision: str, n: int, t: int, w: int) -> dict:
         """Bytes per rank of parameters, gradients and optimizer state (N parameters, T
         trained, W ranks, b = 2 in bf16 else 4):
-          params bN + 4T/W (fp32 master partition)   grads bT/W   optimizer 8T/W (AdamW m, v)
+          params bN + 4T/W (fp32 master partition)   grads 4T/W (reduced and accumulated in
+          fp32, bf16 runs too)   optimizer 8T/W (AdamW m, v)
         offload=optimizer moves the master partition and the optimizer state to CPU."""
         b = 2 if precision == "bf16" else 4
         master = 0 if offload != "none" else 4 * t / w
-        out = {"params": b * n + master, "grads": b * t / w, "optimizer": 8 * t / w}
+        out = {"params": b * n + master, "grads": 4 * t / w, "optimizer": 8 * t / w}
         if offload != "none":
             out["optimizer"] = 0
         return {k: int(v) for k, v in out.items()}
@@ -321,16 +379,40 @@ class Zero3Engine(DeepSpeedEngine):
     def memory_per_rank(offload: str, precision: str, n: int, t: int, w: int) -> dict:
         """Bytes per rank of parameters, gradients and optimizer state (N parameters, T
         trained, W ranks, b = 2 in bf16 else 4):
-          params bN/W + 4T/W (fp32 master partition)   grads bT/W   optimizer 8T/W (AdamW m, v)
+          params bN/W + 4T/W (fp32 master partition)   grads 4T/W (reduced and accumulated in
+          fp32, bf16 runs too)   optimizer 8T/W (AdamW m, v)
         offload=optimizer moves the master partition and the optimizer state to CPU,
         offload=optimizer+params the parameter partitions (bN/W) too."""
         b = 2 if precision == "bf16" else 4
         master = 0 if offload != "none" else 4 * t / w
         shards = 0 if offload == "optimizer+params" else b * n / w
-        out = {"params": shards + master, "grads": b * t / w, "optimizer": 8 * t / w}
+        out = {"params": shards + master, "grads": 4 * t / w, "optimizer": 8 * t / w}
         if offload != "none":
             out["optimizer"] = 0
         return {k: int(v) for k, v in out.items()}
+
+
+def set_fp32_masters(initial: list[tuple[torch.nn.Parameter, torch.Tensor]], rank) -> None:
+    """Set DeepSpeed's fp32 master weights to the fp32 values the parameters had before it cast
+    them to bf16 (it starts the masters from the bf16 roundings: pretrained or init_from
+    weights lost their low bits, and the curves parted from fsdp's by ~1e-2 in 20 steps). The
+    bf16 weights are already those values rounded. `rank`: ZeRO-3's partition index (each rank
+    sets its partition, padding kept), None for ZeRO-1/2 (each rank its fragment)."""
+    from deepspeed.utils import (
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
+
+    for param, value in initial:
+        value = value.detach().reshape(-1).float()
+        if rank is None:
+            safe_set_full_fp32_param(param, value.view(param.shape))
+            continue
+        local = safe_get_local_fp32_param(param).detach().clone().reshape(-1)
+        part = value[rank * local.numel() : (rank + 1) * local.numel()]
+        local[: part.numel()] = part
+        safe_set_local_fp32_param(param, local)
 
 
 def repair_universal_load(optimizer: torch.optim.Optimizer, hyper: list[dict]) -> None:
