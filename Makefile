@@ -15,7 +15,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,eval]'
+	# The eval bridges pull PyPI's torchvision (and timm, which imports it): built against the
+	# CUDA torch, it fails to import beside the CPU build ("operator torchvision::nms does not
+	# exist") and would break transformers' image processors. Nothing vlscale runs needs it.
+	$(BIN)/pip uninstall -y -q torchvision timm
 	touch $@
 
 lint: install
