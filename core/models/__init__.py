@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import decoder, hub, vision  # noqa: F401 - decoder and vision register their families
+from . import decoder, hub, paligemma, vision  # noqa: F401 - each registers its families
 from .registry import FAMILIES, register  # noqa: F401 - register: the public decorator
 
 

@@ -6,9 +6,16 @@ arguments and compute the same function; the SDPA path is the reference the test
 Mask kinds:
   causal         token t sees tokens <= t (offset by the KV-cache length when decoding)
   bidirectional  every token sees every token (vision towers, bidirectional text towers)
-  prefix         bidirectional over the first `prefix_len[b]` tokens of row b, causal after
+  prefix         prefix-LM: bidirectional over each row's prefix, causal after. The prefix is
+                 given by `mask_ar` [B, S] (big_vision's autoregressive mask: 0 = prefix token,
+                 1 = causal token) or, for a prefix at the row start, by `prefix_len` [B]
   packed         several sequences in one row, given by `segment_ids` [B, T] (-1 = padding);
-                 causal inside a segment, nothing across segments
+                 nothing across segments; inside a segment causal, or prefix-LM per sample
+                 when `mask_ar` is given
+
+One rule builds every causal and prefix-LM mask (`ar_mask`, big_vision's): position i sees j
+when cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]. Prefix tokens share a group, so they see each
+other; each causal token opens a group of its own, so it sees what came before and itself.
 """
 
 from __future__ import annotations
@@ -35,11 +42,12 @@ def build_mask(
     prefix_len: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
+    mask_ar: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean mask [B or 1, 1, q_len, kv_len] (True = may attend), or None for 'no mask'.
 
     Queries are the last `q_len` positions of the `kv_len` keys (KV-cache decoding).
-    `key_padding` [B, kv_len] marks real keys with True.
+    `key_padding` [B, kv_len] marks real keys with True; `mask_ar` [B, kv_len] as above.
     """
     if mask_kind not in MASK_KINDS:
         raise ValueError(f"unknown mask_kind {mask_kind!r}; valid: {', '.join(MASK_KINDS)}")
@@ -50,16 +58,18 @@ def build_mask(
     elif mask_kind == "causal":
         mask = (k_pos <= q_pos)[None, None]
     elif mask_kind == "prefix":
-        if prefix_len is None:
-            raise ValueError("mask_kind='prefix' needs prefix_len [B]")
-        in_prefix = k_pos[None] < prefix_len.to(device)[:, None, None]  # [B, 1, kv]
-        mask = ((k_pos <= q_pos)[None] | in_prefix)[:, None]
+        if mask_ar is None:
+            if prefix_len is None:
+                raise ValueError("mask_kind='prefix' needs mask_ar [B, S] or prefix_len [B]")
+            mask_ar = k_pos >= prefix_len.to(device)[:, None]  # [B, kv]
+        mask = ar_mask(mask_ar, q_len)[:, None]
     else:  # packed
         if segment_ids is None:
             raise ValueError("mask_kind='packed' needs segment_ids [B, T]")
         seg_q = segment_ids[:, -q_len:]
         same = seg_q[:, :, None] == segment_ids[:, None, :]
-        mask = (same & (k_pos <= q_pos)[None] & (seg_q[:, :, None] >= 0))[:, None]
+        order = (k_pos <= q_pos)[None] if mask_ar is None else ar_mask(mask_ar, q_len)
+        mask = (same & order & (seg_q[:, :, None] >= 0))[:, None]
         # Padding rows (segment -1) would see nothing and give NaN in softmax: let them see
         # themselves; their outputs are ignored by every loss.
         mask = mask | (torch.eye(kv_len, device=device, dtype=torch.bool)[-q_len:][None, None])
@@ -67,6 +77,14 @@ def build_mask(
         kp = key_padding[:, None, None, :].to(torch.bool)
         mask = kp if mask is None else mask & kp
     return mask
+
+
+def ar_mask(mask_ar: torch.Tensor, q_len: int) -> torch.Tensor:
+    """[B, q_len, S] bool from mask_ar [B, S]: the last `q_len` positions are the queries. The
+    groups count within the row, so in a packed row a later sample's prefix shares a group only
+    with itself (the segment mask removes the earlier samples it could otherwise see)."""
+    group = mask_ar.long().cumsum(dim=-1)
+    return group[:, None, :] <= group[:, -q_len:, None]
 
 
 def attention(
@@ -78,13 +96,14 @@ def attention(
     prefix_len: torch.Tensor | None = None,
     segment_ids: torch.Tensor | None = None,
     key_padding: torch.Tensor | None = None,
+    mask_ar: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """q [B, Hq, T, D], k/v [B, Hkv, S, D] with Hq % Hkv == 0 (GQA/MQA) -> [B, Hq, T, D]."""
     B, Hq, T, D = q.shape
     S = k.shape[2]
-    if _use_flash(q, mask_kind, prefix_len, key_padding):
+    if _use_flash(q, mask_kind, prefix_len, key_padding, mask_ar):
         return _flash(q, k, v, mask_kind, segment_ids, scale, dropout_p)
     if mask_kind == "causal" and key_padding is None and T == S:
         return F.scaled_dot_product_attention(
@@ -92,14 +111,14 @@ def attention(
         )
     mask = build_mask(
         mask_kind, T, S, device=q.device, prefix_len=prefix_len,
-        segment_ids=segment_ids, key_padding=key_padding,
+        segment_ids=segment_ids, key_padding=key_padding, mask_ar=mask_ar,
     )  # fmt: skip
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != k.shape[1]
     )
 
 
-def _use_flash(q, mask_kind, prefix_len, key_padding) -> bool:
+def _use_flash(q, mask_kind, prefix_len, key_padding, mask_ar) -> bool:
     # flash-attn has no arbitrary masks: prefix-LM and padded keys take the SDPA path.
     return (
         HAVE_FLASH
@@ -108,6 +127,7 @@ def _use_flash(q, mask_kind, prefix_len, key_padding) -> bool:
         and mask_kind in ("causal", "bidirectional", "packed")
         and key_padding is None
         and prefix_len is None
+        and mask_ar is None
     )
 
 

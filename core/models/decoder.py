@@ -195,6 +195,7 @@ class AttnMask:
     prefix_len: torch.Tensor | None = None  # [B], mask_kind "prefix"
     segment_ids: torch.Tensor | None = None  # [B, T], mask_kind "packed"
     key_padding: torch.Tensor | None = None  # [B, S] bool, True = real token
+    mask_ar: torch.Tensor | None = None  # [B, S], "prefix"/"packed": 0 = prefix, 1 = causal
 
 
 class RMSNorm(nn.Module):
@@ -260,7 +261,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(
             q, k, v, mask.kind, prefix_len=mask.prefix_len, segment_ids=mask.segment_ids,
-            key_padding=mask.key_padding, scale=self.head_dim**-0.5,
+            key_padding=mask.key_padding, mask_ar=mask.mask_ar, scale=self.head_dim**-0.5,
         )  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -300,7 +301,7 @@ class DecoderBlock(nn.Module):
 
 @register
 class Decoder(nn.Module):
-    MODEL_TYPES = ("qwen2", "qwen3", "gemma", "paligemma")
+    MODEL_TYPES = ("qwen2", "qwen3", "gemma")  # a PaliGemma checkpoint: core/models/paligemma.py
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -378,6 +379,7 @@ class Decoder(nn.Module):
         prefix_len: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        mask_ar: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
     ) -> torch.Tensor:
@@ -406,7 +408,7 @@ class Decoder(nn.Module):
             )
         rope = self.rope_cos_sin(position_ids, x.dtype)
         key_padding = None if attention_mask is None else attention_mask.bool()
-        mask = AttnMask(mask_kind, prefix_len, segment_ids, key_padding)
+        mask = AttnMask(mask_kind, prefix_len, segment_ids, key_padding, mask_ar)
         for block in self.model.layers:
             x = block(x, rope, mask, cache)
         x = self.model.norm(x)
