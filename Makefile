@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch that CI machines have on disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install lint format test test-fast demo demo-vlm clean
+.PHONY: install lint format test test-fast demo demo-vlm vlm-inputs demo-paligemma clean
 
 SHAPES := data/shapes
 
@@ -47,7 +47,8 @@ demo: install
 # Hugging Face layout, synthetic FineVision-format VQA shards, stage 1 then stage 2, a few answers.
 VQA := data/vqa
 VQA_SUBSETS := shapes_colour,shapes_shape,shapes_count,shapes_position,shapes_caption,shapes_multiturn,shapes_text,shapes_two_images
-demo-vlm: install
+# What both VLM demos start from (each step skipped when its output exists).
+vlm-inputs: install
 	test -f runs/tiny_siglip/eval.json || $(MAKE) demo
 	test -f runs/tiny_siglip_export/vision/config.json || \
 		$(BIN)/vlscale export runs/tiny_siglip runs/tiny_siglip_export
@@ -55,6 +56,8 @@ demo-vlm: install
 		$(BIN)/vlscale shards synthetic-vqa --out data/vqa_parquet --train 10000 --val 300 && \
 		$(BIN)/vlscale shards finevision --source data/vqa_parquet --subsets $(VQA_SUBSETS) \
 			--out $(VQA) --val-samples 300 --shard-size 500 )
+
+demo-vlm: vlm-inputs
 	$(BIN)/vlscale train tiny_vlm_stage1
 	$(BIN)/vlscale train tiny_vlm_stage2
 	$(BIN)/vlscale report runs/tiny_vlm_stage2
@@ -63,6 +66,18 @@ demo-vlm: install
 	$(BIN)/vlscale generate runs/tiny_vlm_stage2 --image runs/tiny_vlm_stage2/example.png \
 		--prompt "What colour is the shape at the top right?" --prompt "How many shapes are there?" \
 		--max-new-tokens 8
+
+# The PaliGemma demo: the same tower and shards, a tiny Gemma, prefix-LM; prompts are prefixes.
+demo-paligemma: vlm-inputs
+	test -f $(VQA)/paligemma_tokenizer/tokenizer_config.json || \
+		$(BIN)/vlscale shards paligemma-tokenizer $(VQA)/tokenizer $(VQA)/paligemma_tokenizer
+	$(BIN)/vlscale train tiny_paligemma
+	$(BIN)/vlscale report runs/tiny_paligemma
+	$(BIN)/python -c "from core.data.synthetic import render, sample_attributes; import random; \
+		render(sample_attributes(random.Random(7)), 64).save('runs/tiny_paligemma/example.png')"
+	$(BIN)/vlscale generate runs/tiny_paligemma --image runs/tiny_paligemma/example.png \
+		--prompt "answer en What colour is the shape at the top right?" --prompt "caption en" \
+		--max-new-tokens 12
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -397,7 +397,6 @@ def validate(cfg: Config) -> None:
             all(v >= 0 for v in cfg.optim.lr_groups.values()),
             f"optim.lr_groups: learning rates must be >= 0, got {cfg.optim.lr_groups}",
         ),
-        (bool(cfg.model.vision or cfg.model.vision_config), "set model.vision or vision_config"),
     ]
     for ok, message in checks:
         if not ok:

@@ -229,7 +229,7 @@ def config_reference() -> str:
         if dataclasses.is_dataclass(cls):
             title = f"{f.name} (every task.kind)" if f.name in ("task", "data") else f.name
             sections[title] = section_rows(cls, f"{f.name}.")
-    for kind, cls in TASKS.items():
+    for kind, cls in sorted(TASKS.items()):
         rows = section_rows(cls.Config, "task.", skip=tuple(TaskConfig.__dataclass_fields__))
         rows += section_rows(cls.DataConfig, "data.", skip=tuple(DataConfig.__dataclass_fields__))
         sections[f"task.kind={kind}: its own task: and data: keys"] = rows

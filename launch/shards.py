@@ -1,4 +1,5 @@
-"""`vlscale shards synthetic|cc3m|synthetic-vqa|finevision|index`: write or fetch training data.
+"""`vlscale shards synthetic|cc3m|synthetic-vqa|finevision|index|paligemma-tokenizer`: write or
+fetch training data.
 
 synthetic / cc3m / finevision write webdataset shards (+ sizes.json); synthetic-vqa writes
 FineVision-format parquet (+ a tokenizer) that `finevision --source DIR` converts to shards;
@@ -134,6 +135,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="processes converting rows (output identical for any number; %(default)s)",
     )
+    paligemma = sub.add_parser(
+        "paligemma-tokenizer",
+        help="a tokenizer plus PaliGemma's <image>, <loc####> and <seg###> tokens",
+        description="Load the tokenizer in SOURCE, add PaliGemma's <image> token (special), the "
+        "1024 <loc####> and 128 <seg###> tokens (single tokens that decoding keeps) and <bos>/"
+        "<eos>/<pad> where it has none, and save it to OUT (task.kind paligemma's model.tokenizer"
+        "; google/paligemma-* tokenizers have these tokens already).",
+    )
+    paligemma.add_argument("source", type=Path, metavar="SOURCE")
+    paligemma.add_argument("out", type=Path, metavar="OUT")
     finevision.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     finevision.add_argument(
         "--max-samples", type=int, default=None, help="rows read per subset (default: all)"
@@ -155,6 +166,12 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.source_kind == "finevision":
         return _finevision(args, start)
+    if args.source_kind == "paligemma-tokenizer":
+        from core.data.prefix_lm import paligemma_tokenizer
+
+        tok = paligemma_tokenizer(args.source, args.out)
+        print(f"{len(tok)} tokens ({args.source} + PaliGemma's) at {args.out}")
+        return 0
     if args.source_kind == "index":
         return _index(args, start)
     if args.source_kind == "synthetic":

@@ -52,6 +52,10 @@ class PackedCollate:
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        # prefix-LM samples (core/data/prefix_lm.py) carry mask_ar: 0 prefix, 1 causal
+        mask_ar = (
+            torch.ones((len(rows), width), dtype=torch.long) if "mask_ar" in samples[0] else None
+        )
         images = []
         for r, row in enumerate(rows):
             start = 0
@@ -60,11 +64,13 @@ class PackedCollate:
                 input_ids[r, start:end] = samples[i]["input_ids"]
                 labels[r, start:end] = samples[i]["labels"]
                 segment_ids[r, start:end] = seg
+                if mask_ar is not None:
+                    mask_ar[r, start:end] = samples[i]["mask_ar"]
                 images.append(samples[i]["pixel_values"])
                 start = end
         pixel_values = torch.cat(images) if images else torch.empty(0)
         check_image_count(input_ids, len(pixel_values), self.tokens_per_image, self.image_token_id)
-        return {
+        batch = {
             "input_ids": input_ids,
             "labels": labels,
             "segment_ids": segment_ids,
@@ -73,6 +79,9 @@ class PackedCollate:
             "real_tokens": sum(lengths),
             "supervised_tokens": int(supervised_targets(labels, segment_ids).sum()),
         }
+        if mask_ar is not None:
+            batch["mask_ar"] = mask_ar
+        return batch
 
 
 def supervised_targets(labels: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:

@@ -71,16 +71,20 @@ class PaliGemma(nn.Module):
         """[n, C, H, W] -> projected patch features [n, N, hidden]."""
         return self.projector(self.vision(pixel_values))
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, checked: bool = False
+    ) -> torch.Tensor:
         """Token embeddings [B, T, H] with each image's features at its image tokens (in order:
-        image i fills the i-th run of `num_image_tokens` image tokens)."""
+        image i fills the i-th run of `num_image_tokens` image tokens). `checked`: the caller
+        has counted the image tokens on the host (training batches: core/data/packing.py), so
+        no device-to-host sync checks them here."""
         where = input_ids == self.image_token_index
         ids = input_ids.masked_fill(where, 0)  # the image id may lie outside the vocabulary
         embeds = self.lm.embed(ids)
         if pixel_values is None:
             return embeds
         features = self.image_features(pixel_values.to(embeds.dtype))
-        if where.sum().item() != features.shape[0] * features.shape[1]:
+        if not checked and where.sum().item() != features.shape[0] * features.shape[1]:
             raise ValueError(
                 f"{int(where.sum())} image tokens for {features.shape[0]} images of "
                 f"{features.shape[1]} tokens each"
@@ -98,6 +102,7 @@ class PaliGemma(nn.Module):
         segment_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
+        images_checked: bool = False,
     ) -> torch.Tensor:
         """Logits [B, T, V] (or final hidden states). `token_type_ids` [B, T] (0 prefix, 1
         suffix, as transformers) or `mask_ar` (big_vision's name for the same); neither: the
@@ -108,7 +113,7 @@ class PaliGemma(nn.Module):
             mask_ar = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         if position_ids is None:
             position_ids = positions(input_ids, attention_mask, segment_ids)
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, checked=images_checked)
         return self.lm(
             inputs_embeds=x, position_ids=position_ids, attention_mask=attention_mask,
             mask_kind="prefix" if segment_ids is None else "packed", mask_ar=mask_ar,
@@ -123,18 +128,20 @@ class PaliGemma(nn.Module):
         max_new_tokens: int,
         attention_mask: torch.Tensor | None = None,
         eos_token_id: int | Sequence[int] | None = None,
+        prefix_lm: bool = True,
         **options,
     ) -> torch.Tensor:
         """The new tokens [B, <= max_new_tokens] after left-padded prompts (image tokens, BOS,
         prefix, "\\n"): the whole prompt is the bidirectional prefix (prefill), every new token
-        causal (KV-cache decoding). `options`: core.models.generation.GenerationConfig fields
-        (greedy by default; do_sample, top_k, top_p, num_beams, ...)."""
+        causal (KV-cache decoding); `prefix_lm=False`: the prompt causal too (a model trained
+        so). `options`: core.models.generation.GenerationConfig fields (greedy by default;
+        do_sample, top_k, top_p, num_beams, ...)."""
         from .generation import generate
 
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         x = self.embed(input_ids, pixel_values)
-        prefix = torch.full((x.shape[0],), x.shape[1], device=x.device)
+        prefix = torch.full((x.shape[0],), x.shape[1], device=x.device) if prefix_lm else None
         if eos_token_id is None:
             eos_token_id = self.lm.config.eos_token_id
         return generate(

@@ -192,7 +192,8 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 def task_class(kind: str) -> type[Task]:
     if kind not in TASKS:
-        raise ConfigError(f"task.kind={kind!r} is not a task; valid kinds: {', '.join(TASKS)}")
+        valid = ", ".join(sorted(TASKS))
+        raise ConfigError(f"task.kind={kind!r} is not a task; valid kinds: {valid}")
     return TASKS[kind]
 
 
