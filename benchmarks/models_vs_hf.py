@@ -23,7 +23,11 @@ import transformers
 
 import core.models
 
-CONFIGS = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+CONFIGS = {
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+    "llama": transformers.LlamaConfig,
+}
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""Our Decoder (Qwen2, Qwen3, Gemma, PaliGemma's Gemma) vs transformers on tiny random models."""
+"""Our Decoder (Qwen2, Qwen3, Gemma, PaliGemma's Gemma, Llama) vs transformers on tiny random
+models. RoPE types and checkpoint layouts: tests/test_llama_and_layouts.py."""
 
 import json
 
@@ -28,7 +29,14 @@ VARIANTS = {
     "gemma": hf.GemmaConfig(
         **{**SMALL, "hidden_size": 48}, num_attention_heads=4, num_key_value_heads=1, head_dim=16
     ),
-}
+    # attention and MLP biases; Llama 3's RoPE scaling (positions 16+ are past its original 8)
+    "llama": hf.LlamaConfig(
+        **SMALL, num_attention_heads=4, num_key_value_heads=2, attention_bias=True, mlp_bias=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 4.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8},
+    ),
+}  # fmt: skip
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -324,6 +332,29 @@ HUB_CONFIGS = {
             "vision_use_head": False,
         },
     },
+    "HuggingFaceTB/SmolLM2-135M": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 0, "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576,
+        "initializer_range": 0.041666666666666664, "intermediate_size": 1536,
+        "is_llama_config": True, "max_position_embeddings": 8192, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
+        "num_key_value_heads": 3, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.42.3",
+        "use_cache": True, "vocab_size": 49152,
+    },
+    "meta-llama/Llama-3.2-1B": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+        "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256,
+    },
 }  # fmt: skip
 
 
@@ -344,6 +375,9 @@ def test_hub_configs_build_transformers_architecture(name):
     assert set(theirs.state_dict()) - set(shapes) <= {"lm_head.weight"}  # tied
     text_cfg = theirs_cfg.get_text_config()
     assert ours.config.rope_theta == text_cfg.rope_parameters["rope_theta"]
+    assert ours.config.rope_parameters == {
+        k: v for k, v in text_cfg.rope_parameters.items() if k != "type"
+    }
     assert ours.config.act == text_cfg.hidden_act
     assert ours.config.tie_embeddings == text_cfg.tie_word_embeddings
 
@@ -351,14 +385,14 @@ def test_hub_configs_build_transformers_architecture(name):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "RoPE"),
-        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}), "RoPE"),
+        (dict(rope_scaling={"type": "su", "factor": 4.0}), "RoPE type 'su'"),
+        (dict(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}), "RoPE parameters"),
         (dict(use_sliding_window=True, sliding_window=8, max_window_layers=1), "sliding-window"),
         (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
         (dict(hidden_act="relu"), "activation"),
         (dict(model_type="gemma", use_bidirectional_attention=True), "bidirectional"),
         (dict(model_type="paligemma", text_config={"model_type": "gemma2"}), "gemma2"),
-        (dict(model_type="llama"), "unsupported model_type"),
+        (dict(model_type="mistral"), "unsupported model_type"),
     ],
 )
 def test_unsupported_config_raises(change, message):

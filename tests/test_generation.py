@@ -17,6 +17,10 @@ SMALL = dict(vocab_size=VOCAB, intermediate_size=96, num_hidden_layers=2, num_at
 CONFIGS = {
     "qwen2": hf.Qwen2Config(**SMALL, hidden_size=64, num_key_value_heads=2),
     "gemma": hf.GemmaConfig(**SMALL, hidden_size=48, num_key_value_heads=1, head_dim=16),
+    # peaked enough that beam search, eos and sampling checks all have something to show
+    "llama": hf.LlamaConfig(
+        **SMALL, hidden_size=48, num_key_value_heads=1, head_dim=16, mlp_bias=True
+    ),
 }
 # (temperature, top_k, top_p); top_k 0 = off (transformers' own default would be 50)
 WARPERS = [(1.0, 0, 1.0), (0.7, 20, 1.0), (1.3, 0, 0.8), (0.7, 20, 0.9)]

@@ -26,15 +26,28 @@ from pathlib import Path
 
 import torch
 
-from . import decoder, hub, paligemma, vision  # noqa: F401 - each registers its families
-from .registry import FAMILIES, register  # noqa: F401 - register: the public decorator
+from . import decoder, hub, paligemma, text, vision  # noqa: F401 - each registers its families
+from .registry import FAMILIES, TEXT_TOWERS, register  # noqa: F401 - register: the decorator
+
+PARTS = ("", "text")
 
 
-def model_class(model_type: str) -> type:
+def model_class(model_type: str, part: str = "") -> type:
+    """Our class for `model_type`; part="text": for a two-tower type (`siglip`), its text
+    tower's (FAMILIES gives its vision tower's)."""
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; valid: '' (the model), 'text'")
+    if part == "text" and model_type in TEXT_TOWERS:
+        return TEXT_TOWERS[model_type]
     families = FAMILIES
     if model_type not in families:
         raise ValueError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(families))}"
+        )
+    if part == "text" and issubclass(families[model_type], vision.VisionTower):
+        raise ValueError(
+            f"model_type {model_type!r} has no text tower here; two-tower checkpoints whose "
+            f"text tower loads: {', '.join(sorted(TEXT_TOWERS))}"
         )
     return families[model_type]
 
@@ -44,10 +57,16 @@ def from_config(cfg: dict) -> torch.nn.Module:
     return model_class(cfg["model_type"]).from_hf_config(cfg)
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Load a local Hugging Face checkpoint directory into our implementation of its family."""
+def from_pretrained(
+    path: str | Path, dtype: torch.dtype | None = None, part: str = ""
+) -> torch.nn.Module:
+    """Load a local Hugging Face checkpoint directory into our implementation of its family.
+    A two-tower checkpoint (a full SiglipModel) gives its vision tower, or with part="text" its
+    text tower; part="text" on any other checkpoint gives the model itself. A decoder LM loads
+    from its task-head (`Qwen3ForCausalLM`) or base-model (`Qwen3Model`) layout; a base one gets
+    its embeddings as vocabulary head and saves back as a base model (core/models/decoder.py)."""
     cfg = hub.read_config(path)
-    cls = model_class(cfg["model_type"])
+    cls = model_class(cfg["model_type"], part)
     with torch.device("meta"):
         model = cls.from_hf_config(cfg)
     state = cls.hf_state_dict_from(hub.load_state_dict(path), cfg)

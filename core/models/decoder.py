@@ -1,10 +1,18 @@
-"""Decoder-only causal LMs: Qwen2 / Qwen2.5, Qwen3 and Gemma (also the Gemma inside PaliGemma).
+"""Decoder-only causal LMs: Qwen2 / Qwen2.5, Qwen3, Gemma (also the Gemma inside PaliGemma) and
+Llama (Llama 2 / 3, SmolLM2).
 
 One `Decoder` class; the families differ only by a few `DecoderConfig` switches. Module names
 copy transformers' so our state dict *is* a Hugging Face state dict
 (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`, ...), and every op follows
 transformers' computation order and dtypes (fp32 RMSNorm, fp32 RoPE angles, Gemma's (1 + w) norm
 and sqrt(hidden) embedding scale), so fp32 and bf16 logits agree with transformers' to rounding.
+RoPE: every `rope_parameters` type these families use (core/models/rope.py).
+
+A checkpoint loads from either transformers layout: the task-head one (`XForCausalLM`) or the
+base-model one (`XModel`: keys without the `model.` prefix and no `lm_head`, e.g.
+Qwen/Qwen3-Embedding-*). A base checkpoint has no vocabulary head, so its model gets the
+embeddings as head (`tie_embeddings` set); `save_pretrained` writes the layout it was loaded
+from, and a model whose `lm_head` is None (a text tower) the base layout.
 
     model = core.models.from_pretrained("Qwen2.5-0.5B-dir")      # -> Decoder
     logits = model(input_ids)                                   # [B, T, V]
@@ -25,22 +33,28 @@ from .attention import attention
 from .cache import KVCache
 from .generation import generate
 from .registry import register
+from .rope import DEFAULT_THETA, inv_freq, read_rope_parameters
 
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma": "GemmaForCausalLM",
+    "llama": "LlamaForCausalLM",
 }
+BASE_ARCHITECTURES = {k: arch.replace("ForCausalLM", "Model") for k, arch in ARCHITECTURES.items()}
+LAYOUTS = ("causal_lm", "base")  # checkpoint layouts: XForCausalLM, XModel
 
 # What each transformers family hard-codes; hf_config() refuses a config it could not express.
 FAMILY_TRAITS = {
     "qwen2": dict(
-        qkv_bias=True, o_bias=False, qk_norm=False, norm_plus_one=False, embed_scale=False
+        qkv_bias=True, o_bias=False, mlp_bias=False, qk_norm=False, norm_plus_one=False,
+        embed_scale=False,
     ),
-    "qwen3": dict(qk_norm=True, norm_plus_one=False, embed_scale=False),
-    "gemma": dict(qk_norm=False, norm_plus_one=True, embed_scale=True),
-}
+    "qwen3": dict(mlp_bias=False, qk_norm=True, norm_plus_one=False, embed_scale=False),
+    "gemma": dict(mlp_bias=False, qk_norm=False, norm_plus_one=True, embed_scale=True),
+    "llama": dict(qk_norm=False, norm_plus_one=False, embed_scale=False),
+}  # fmt: skip
 # transformers' config defaults for the fields a hub config.json may omit (PaliGemma's
 # `text_config` lists only a few and relies on GemmaConfig's defaults).
 HF_DEFAULTS = {
@@ -62,13 +76,19 @@ HF_DEFAULTS = {
         tie_word_embeddings=True, attention_bias=False, pad_token_id=0, eos_token_id=1,
         bos_token_id=2,
     ),
+    "llama": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, hidden_act="silu", max_position_embeddings=2048,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        bos_token_id=1, eos_token_id=2,
+    ),
 }  # fmt: skip
-DEFAULT_ROPE_THETA = 10000.0
+DEFAULT_ROPE_THETA = DEFAULT_THETA
 
 
 @dataclass
 class DecoderConfig:
-    model_type: str  # the transformers family hf_config() writes: qwen2, qwen3 or gemma
+    model_type: str  # the transformers family hf_config() writes: qwen2, qwen3, gemma or llama
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -77,10 +97,14 @@ class DecoderConfig:
     num_kv_heads: int
     head_dim: int
     rope_theta: float = DEFAULT_ROPE_THETA
+    # transformers' `rope_parameters` besides rope_theta, e.g. {"rope_type": "llama3",
+    # "factor": 8.0, ...}; None = plain RoPE (core/models/rope.py)
+    rope_scaling: dict | None = None
     rms_eps: float = 1e-6
     act: str = "silu"  # key of ACTIVATIONS
     qkv_bias: bool = False
     o_bias: bool = False
+    mlp_bias: bool = False  # Llama's mlp_bias: biases on gate/up/down projections
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
     norm_plus_one: bool = False  # Gemma: RMSNorm scales by (1 + weight), weights start at 0
     embed_scale: bool = False  # Gemma: embeddings are multiplied by sqrt(hidden_size)
@@ -96,6 +120,11 @@ class DecoderConfig:
             raise ValueError(f"unsupported activation {self.act!r}; supported: {list(ACTIVATIONS)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} not a multiple of {self.num_kv_heads}")
+
+    @property
+    def rope_parameters(self) -> dict:
+        """transformers 5's `rope_parameters`: {rope_type, rope_theta, <the type's parameters>}."""
+        return {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
 
     @classmethod
     def from_hf(cls, cfg: dict) -> DecoderConfig:
@@ -128,6 +157,11 @@ class DecoderConfig:
         traits = dict(FAMILY_TRAITS[model_type])
         if model_type != "qwen2":  # Qwen2 hard-codes its biases; the others have one switch
             traits.update(qkv_bias=get("attention_bias"), o_bias=get("attention_bias"))
+        if model_type == "llama":
+            traits.update(mlp_bias=get("mlp_bias"))
+        max_positions = get("max_position_embeddings")
+        rope_parameters = read_rope_parameters(cfg, max_positions)
+        theta = rope_parameters.pop("rope_theta")
         return cls(
             model_type=model_type,
             vocab_size=get("vocab_size"),
@@ -137,31 +171,18 @@ class DecoderConfig:
             num_heads=heads,
             num_kv_heads=get("num_key_value_heads") or heads,
             head_dim=get("head_dim") or get("hidden_size") // heads,
-            rope_theta=float(_rope_theta(cfg)),
+            rope_theta=theta,
+            rope_scaling=rope_parameters if rope_parameters["rope_type"] != "default" else None,
             rms_eps=get("rms_norm_eps"),
             act=act,
             tie_embeddings=get("tie_word_embeddings"),
-            max_position_embeddings=get("max_position_embeddings"),
+            max_position_embeddings=max_positions,
             initializer_range=cfg.get("initializer_range", 0.02),
             pad_token_id=get("pad_token_id"),
             bos_token_id=get("bos_token_id"),
             eos_token_id=get("eos_token_id"),
             **traits,
         )
-
-
-def _rope_theta(cfg: dict) -> float:
-    # Older configs: top-level rope_theta + optional rope_scaling; current: rope_parameters.
-    # As in transformers, rope_scaling wins over rope_parameters.
-    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    extra = set(rope) - {"rope_type", "type", "rope_theta"}
-    if rope_type != "default" or extra:
-        raise ValueError(
-            f"unsupported RoPE parameters {rope} (only plain RoPE, rope_type 'default', is "
-            "implemented; scaled RoPE would silently compute different positions)"
-        )
-    return rope.get("rope_theta", cfg.get("rope_theta") or DEFAULT_ROPE_THETA)
 
 
 def _reject_unsupported(cfg: dict) -> None:
@@ -269,9 +290,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = ACTIVATIONS[cfg.act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -301,11 +322,12 @@ class DecoderBlock(nn.Module):
 
 @register
 class Decoder(nn.Module):
-    MODEL_TYPES = ("qwen2", "qwen3", "gemma")  # a PaliGemma checkpoint: core/models/paligemma.py
+    MODEL_TYPES = ("qwen2", "qwen3", "gemma", "llama")  # PaliGemma: core/models/paligemma.py
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.config = cfg
+        self.layout = "causal_lm"  # the checkpoint layout save_pretrained writes (LAYOUTS)
         # Named like transformers' `<Family>Model` under `model.` so state-dict keys are HF's.
         self.model = nn.ModuleDict(
             dict(
@@ -345,7 +367,7 @@ class Decoder(nn.Module):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if self.config.tie_embeddings:
+        if self.config.tie_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -361,13 +383,18 @@ class Decoder(nn.Module):
         self, position_ids: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [B or 1, T, head_dim] for RoPE. Angles in fp32 (recomputed, no buffer to be
-        cast to bf16 by `model.to(dtype)`), then cast to the activation dtype like transformers."""
-        dim = self.config.head_dim
-        exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=position_ids.device) / dim
-        inv_freq = 1.0 / (self.config.rope_theta**exponents)
-        freqs = position_ids[..., None].float() * inv_freq
+        cast to bf16 by `model.to(dtype)`), scaled by the RoPE type's attention factor (yarn,
+        longrope), then cast to the activation dtype like transformers."""
+        cfg = self.config
+        freq, scale = inv_freq(
+            cfg.rope_parameters, cfg.head_dim, cfg.max_position_embeddings, position_ids
+        )
+        freqs = position_ids[..., None].float() * freq
         angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if scale != 1.0:
+            cos, sin = cos * scale, sin * scale
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(
         self,
@@ -412,7 +439,11 @@ class Decoder(nn.Module):
         for block in self.model.layers:
             x = block(x, rope, mask, cache)
         x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        if self.lm_head is None:
+            raise ValueError("this Decoder has no lm_head (a text tower): pass return_hidden=True")
+        return self.lm_head(x)
 
     def generate(
         self,
@@ -454,18 +485,38 @@ class Decoder(nn.Module):
         return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.hf_state_dict())
+        """Either layout: `XForCausalLM` (`model.*`, `lm_head.weight` unless tied) or `XModel`
+        (no `model.` prefix, no head: the embeddings become the head, see the module doc)."""
         state = dict(state)
-        if self.config.tie_embeddings:
+        base = "embed_tokens.weight" in state and not any(k.startswith("model.") for k in state)
+        self.set_layout("base" if base else "causal_lm")
+        expected = set(self.hf_state_dict())
+        if self.config.tie_embeddings and not base:
             state.pop("lm_head.weight", None)  # some tied checkpoints store the copy too
         missing, unexpected = expected - state.keys(), state.keys() - expected
         if missing or unexpected:
+            arch = (BASE_ARCHITECTURES if base else ARCHITECTURES).get(self.config.model_type)
             raise KeyError(
-                f"checkpoint does not match {self.config.model_type} Decoder: "
+                f"checkpoint does not match {self.config.model_type} Decoder ({arch} layout): "
                 f"missing {sorted(missing)}, unexpected {sorted(unexpected)}"
             )
+        if base:
+            state = {f"model.{k}": v for k, v in state.items()}
         self.load_state_dict(state, strict=False, assign=True)
         self.tie_weights()
+
+    def set_layout(self, layout: str) -> None:
+        """The checkpoint layout hf_config / hf_state_dict write; "base" ties the head to the
+        embeddings (a base checkpoint has none of its own)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown checkpoint layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+        self.layout = layout
+        if layout == "base":
+            self.config.tie_embeddings = True
+            self.tie_weights()
+
+    def _writes_base_layout(self) -> bool:
+        return self.layout == "base" or self.lm_head is None
 
     def hf_config(self) -> dict:
         cfg = self.config
@@ -476,8 +527,9 @@ class Decoder(nn.Module):
         if cfg.model_type not in ARCHITECTURES or wrong:
             raise ValueError(f"transformers' {cfg.model_type!r} cannot express options {wrong}")
         dtype = str(next(self.parameters()).dtype).removeprefix("torch.")
+        base = self._writes_base_layout()
         out = {
-            "architectures": [ARCHITECTURES[cfg.model_type]],
+            "architectures": [(BASE_ARCHITECTURES if base else ARCHITECTURES)[cfg.model_type]],
             "model_type": cfg.model_type,
             "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.hidden_size,
@@ -489,9 +541,10 @@ class Decoder(nn.Module):
             "hidden_act": cfg.act,
             "max_position_embeddings": cfg.max_position_embeddings,
             "rms_norm_eps": cfg.rms_eps,
-            "tie_word_embeddings": cfg.tie_embeddings,
-            # Both RoPE spellings: transformers 5 reads the first, 4.x the second.
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+            # A base layout has no head: transformers' XForCausalLM then ties it, as we do.
+            "tie_word_embeddings": cfg.tie_embeddings or base,
+            # transformers 5 reads rope_parameters; 4.x plain RoPE's top-level rope_theta.
+            "rope_parameters": cfg.rope_parameters,
             "rope_theta": cfg.rope_theta,
             "attention_dropout": 0.0,
             "initializer_range": cfg.initializer_range,
@@ -503,12 +556,17 @@ class Decoder(nn.Module):
         }
         if cfg.model_type != "qwen2":
             out["attention_bias"] = cfg.qkv_bias
+        if cfg.model_type == "llama":
+            out["mlp_bias"] = cfg.mlp_bias
         return out
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        state = self.state_dict()
+        if self._writes_base_layout():  # XModel: the inner model's tensors, no head
+            return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
         # transformers saves a tied lm_head only once, as the embedding.
         tied = self.config.tie_embeddings
-        return {k: v for k, v in self.state_dict().items() if not (tied and k == "lm_head.weight")}
+        return {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
 
 
 def _default_positions(

@@ -1,4 +1,4 @@
-"""Vision towers: ViT, SigLIP and SigLIP2, computing what `transformers` computes.
+"""Vision towers: ViT, SigLIP, SigLIP2 and CLIP, computing what `transformers` computes.
 
 Module names are the tensor names of Hugging Face checkpoints, so loading one is `load_state_dict`
 after stripping wrapper prefixes:
@@ -9,10 +9,17 @@ after stripping wrapper prefixes:
            fixed-resolution SigLIP2 checkpoints (google/siglip2-base-patch16-224) are of this kind.
   SigLIP2  Siglip2VisionModel (NaFlex: linear patch embedding, positions resized to each image's
            patch grid), for batches of same-size unpadded images.
+  CLIP     CLIPVisionModel as transformers 5 saves it (SigLIP's block names, plus `pre_layrnorm`
+           and `embeddings.class_embedding`). Older, full CLIPModel (LLaVA's
+           openai/clip-vit-large-patch14-336) and CLIPVisionModelWithProjection checkpoints hold
+           it under `vision_model.`; their projection and text tower are not part of it.
 
-Every tower: model(pixel_values [B, C, H, W]) -> last hidden states [B, N, D] ([B, 1+N, D], CLS
-first, for ViT) after the final LayerNorm, and model.pool(hidden) -> [B, D]. `model.blocks` holds
-self-contained blocks called as block(x), so engines can wrap each one (FSDP, checkpointing).
+Every tower: model(pixel_values [B, C, H, W]) -> transformers' last_hidden_state [B, N, D]
+([B, 1+N, D], CLS first, for ViT and CLIP): after the final LayerNorm for ViT and SigLIP; CLIP's
+post_layernorm applies to the pooled CLS token only. model.pool(hidden) -> [B, D] (pooler_output).
+model.hidden_state(pixel_values, layer) -> transformers' hidden_states[layer] (LLaVA's
+vision_feature_layer). `model.blocks` holds self-contained blocks called as block(x), so engines
+can wrap each one (FSDP, checkpointing).
 """
 
 from __future__ import annotations
@@ -30,10 +37,19 @@ from .attention import attention
 from .registry import register
 
 HALF = (0.5, 0.5, 0.5)  # normalisation to [-1, 1]: SigLIP's, and google/vit-base-patch16-224's
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (CLIPImageProcessor defaults)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's GELU approximation (transformers' QuickGELUActivation)."""
+    return x * torch.sigmoid(1.702 * x)
+
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,  # exact erf GELU (ViT)
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),  # SigLIP
+    "quick_gelu": quick_gelu,  # CLIP
     "tanh": torch.tanh,  # ViT pooler
 }
 
@@ -153,6 +169,29 @@ class Siglip2Args:
         return math.isqrt(self.num_patches) * self.patch_size
 
 
+@dataclass
+class CLIPArgs:
+    """CLIPVisionConfig's fields and defaults (openai/clip-vit-base-patch32)."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    projection_dim: int = 512  # CLIPVisionModelWithProjection's; unused, kept in the config
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+
+    def __post_init__(self):
+        _check_common(self)
+        self.image_size = _square(self.image_size, "image_size")
+
+
 # ---------------------------------------------------------------------------------- shared pieces
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, T, H*Dh] -> [B, H, T, Dh]"""
@@ -179,11 +218,12 @@ def self_attention(
     v_proj: nn.Linear,
     num_heads: int,
     p: float,
+    key_padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bidirectional multi-head self-attention before the output projection; dropout p on the
-    attention weights."""
+    attention weights; `key_padding` [B, T] (1 = a real token) hides padded keys."""
     q, k, v = (split_heads(proj(x), num_heads) for proj in (q_proj, k_proj, v_proj))
-    return merge_heads(attention(q, k, v, "bidirectional", dropout_p=p))
+    return merge_heads(attention(q, k, v, "bidirectional", key_padding=key_padding, dropout_p=p))
 
 
 class VisionTower(nn.Module):
@@ -217,6 +257,24 @@ class VisionTower(nn.Module):
     @classmethod
     def from_hf_config(cls, cfg: dict) -> VisionTower:
         return cls(_args_from(cls.ARGS, cfg))
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The first block's input [B, N, D]."""
+        return self.embeddings(pixel_values)
+
+    def hidden_state(self, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
+        """transformers' `hidden_states[layer]` (output_hidden_states=True): 0 the first block's
+        input, k the output of block k, negative counting from the end (-1 the last block's, -2
+        the penultimate, LLaVA's vision_feature_layer); no final LayerNorm. Runs only the blocks
+        up to `layer`."""
+        n = len(self.blocks)
+        index = layer + n + 1 if layer < 0 else layer
+        if not 0 <= index <= n:
+            raise ValueError(f"layer {layer} is out of range for {n} blocks: -{n + 1}..{n}")
+        x = self.embed(pixel_values)
+        for block in self.blocks[:index]:
+            x = block(x)
+        return x
 
     def hf_config(self) -> dict:
         return {
@@ -474,7 +532,7 @@ class Siglip2Embeddings(nn.Module):
 
 
 class SiglipAttention(nn.Module):
-    def __init__(self, args: SiglipArgs | Siglip2Args):
+    def __init__(self, args: SiglipArgs | Siglip2Args | CLIPArgs):
         super().__init__()
         d = args.hidden_size
         self.num_heads = args.num_attention_heads
@@ -484,14 +542,16 @@ class SiglipAttention(nn.Module):
         self.v_proj = nn.Linear(d, d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
         dropout_p = self.dropout_p if self.training else 0.0
-        h = self_attention(x, self.q_proj, self.k_proj, self.v_proj, self.num_heads, dropout_p)
+        h = self_attention(
+            x, self.q_proj, self.k_proj, self.v_proj, self.num_heads, dropout_p, key_padding
+        )
         return self.out_proj(h)
 
 
 class SiglipMLP(nn.Module):
-    def __init__(self, args: SiglipArgs | Siglip2Args):
+    def __init__(self, args: SiglipArgs | Siglip2Args | CLIPArgs):
         super().__init__()
         self.fc1 = nn.Linear(args.hidden_size, args.intermediate_size)
         self.fc2 = nn.Linear(args.intermediate_size, args.hidden_size)
@@ -502,28 +562,28 @@ class SiglipMLP(nn.Module):
 
 
 class SiglipEncoderLayer(nn.Module):
-    """Pre-norm block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm block: x + attn(LN(x)), then x + MLP(LN(x)). CLIP's and SigLIP text's too."""
 
-    def __init__(self, args: SiglipArgs | Siglip2Args):
+    def __init__(self, args: SiglipArgs | Siglip2Args | CLIPArgs):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.self_attn = SiglipAttention(args)
         self.layer_norm2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
         self.mlp = SiglipMLP(args)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), key_padding)
         return x + self.mlp(self.layer_norm2(x))
 
 
 class SiglipEncoder(nn.Module):
-    def __init__(self, args: SiglipArgs | Siglip2Args):
+    def __init__(self, args: SiglipArgs | Siglip2Args | CLIPArgs):
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(args) for _ in range(args.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding: torch.Tensor | None = None) -> torch.Tensor:
         for block in self.layers:
-            x = block(x)
+            x = block(x, key_padding)
         return x
 
 
@@ -644,3 +704,94 @@ class Siglip2Vision(SiglipVision):
     def set_image_size(self, image_size: int) -> None:
         """The size to preprocess images to; positions are resampled in every forward anyway."""
         self.image_size = image_size
+
+
+# ---------------------------------------------------------------------------------- CLIP
+class CLIPEmbeddings(nn.Module):
+    def __init__(self, args: CLIPArgs):
+        super().__init__()
+        p, d = args.patch_size, args.hidden_size
+        self.class_embedding = nn.Parameter(torch.empty(d))
+        self.patch_embedding = nn.Conv2d(args.num_channels, d, kernel_size=p, stride=p, bias=False)
+        self.position_embedding = nn.Embedding(1 + (args.image_size // p) ** 2, d)
+        nn.init.normal_(self.class_embedding, std=d**-0.5)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """[1+h*w, D]; the patch part resampled bicubically when the grid differs from the
+        checkpoint's (transformers' interpolate_pos_encoding=True), the CLS position kept."""
+        table = self.position_embedding.weight
+        side = math.isqrt(table.shape[0] - 1)
+        if grid == (side, side):
+            return table
+        return torch.cat([table[:1], resample_grid(table[1:], grid, mode="bicubic")])
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        weight = self.patch_embedding.weight
+        patches = self.patch_embedding(pixel_values.to(weight.dtype))  # [B, D, h, w]
+        grid = tuple(patches.shape[-2:])
+        x = patches.flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.positions(grid)
+
+
+@register
+class CLIPVision(VisionTower):
+    """CLIPVisionModel: [CLS] + patch tokens, a LayerNorm before the encoder (`pre_layrnorm`, as
+    transformers spells it), pre-norm blocks, and `post_layernorm` on the CLS token only (the
+    pooled output). Also loads the vision tower of a full CLIPModel (model_type `clip`)."""
+
+    MODEL_TYPES = ("clip_vision_model", "clip")
+    ARCHITECTURE = "CLIPVisionModel"
+    ARGS = CLIPArgs
+    has_cls_token = True
+
+    def __init__(self, args: CLIPArgs):
+        super().__init__(args)
+        self.image_size: int = args.image_size
+        self.embeddings = CLIPEmbeddings(args)
+        self.pre_layrnorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.encoder = SiglipEncoder(args)  # the same block, under the same tensor names
+        self.post_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.encoder.layers
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> CLIPVision:
+        if cfg["model_type"] == "clip":
+            cfg = cfg.get("vision_config") or {}  # hub configs may list only non-default keys
+        return cls(_args_from(CLIPArgs, cfg))
+
+    @staticmethod
+    def hf_state_dict_from(state: dict[str, torch.Tensor], cfg: dict) -> dict[str, torch.Tensor]:
+        # Wrapped layouts (CLIPModel, CLIPVisionModelWithProjection, transformers 4's
+        # CLIPVisionModel) hold the tower under `vision_model.`, beside what is not part of it
+        # (text_model.*, visual_projection, logit_scale). Old checkpoints also stored the
+        # position_ids buffer, rebuilt here from the table's size.
+        prefix = "vision_model."
+        if any(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        return {k: v for k, v in state.items() if not k.endswith("position_ids")}
+
+    def set_image_size(self, image_size: int) -> None:
+        """Resample the position table to `image_size` for good (e.g. fine-tuning at a new
+        resolution): later forwards and saved checkpoints use the new size natively."""
+        side = image_size // self.patch_size
+        with torch.no_grad():
+            table = self.embeddings.positions((side, side)).detach().clone()
+        self.embeddings.position_embedding = nn.Embedding.from_pretrained(table, freeze=False)
+        self.args.image_size = self.image_size = image_size
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.pre_layrnorm(self.embeddings(pixel_values))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, 1 + (H/p)*(W/p), D], CLS first; no final LayerNorm (CLIP's
+        last_hidden_state)."""
+        return self.encoder(self.embed(pixel_values))
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """post_layernorm(CLS) [B, D]: CLIPVisionModel's pooler_output."""
+        return self.post_layernorm(hidden[:, 0])
