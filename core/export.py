@@ -23,8 +23,6 @@ from typing import Any
 
 import yaml
 
-from .data.tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
-
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, as transformers stores `resample`
 REPO = "path/to/export"  # the model card's placeholder for the directory or Hub repo id
 
@@ -105,36 +103,6 @@ def save_generation_config(
         max_new_tokens=max_new_tokens,
         do_sample=False,
     ).save_pretrained(str(path))
-
-
-def chatml_template(system_prompt: str | None, image_tokens: int) -> str:
-    """A Jinja chat template that renders conversations as core/data/chat.py's ChatProcessor
-    does: `system_prompt` as the system turn unless the conversation starts with its own (None:
-    no system turn), each image of a message's content as <|vision_start|>, `image_tokens` x
-    <|image_pad|> (the embeddings the projector fills in), <|vision_end|> before its text, and
-    with `add_generation_prompt` the assistant header the model answers after."""
-    image = VISION_START + IMAGE_PAD * image_tokens + VISION_END
-    system = ""
-    if system_prompt is not None:  # a Jinja string literal: braces or quotes in it stay text
-        literal = json.dumps(system_prompt, ensure_ascii=False)
-        system = (
-            "{% if not messages or messages[0]['role'] != 'system' %}"
-            f"{IM_START}system\n{{{{ {literal} }}}}{IM_END}\n"
-            "{% endif %}"
-        )
-    return (
-        system + "{% for message in messages %}"
-        f"{IM_START}{{{{ message['role'] }}}}\n"
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for part in message['content'] %}"
-        f"{{% if part['type'] == 'image' %}}{image}{{% endif %}}"
-        "{% endfor %}{% for part in message['content'] %}"
-        "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-        "{% endfor %}{% endif %}"
-        f"{IM_END}\n"
-        "{% endfor %}"
-        f"{{% if add_generation_prompt %}}{IM_START}assistant\n{{% endif %}}"
-    )
 
 
 # ---------------------------------------------------------------------------- model card

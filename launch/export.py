@@ -5,8 +5,9 @@ The task writes its towers as Hugging Face checkpoints (config.json + model.safe
 by transformers and by `core.models.from_pretrained`) with what transformers needs besides
 (core/export.py): image towers a preprocessor_config.json (AutoImageProcessor), text towers and
 LMs their tokenizer (AutoTokenizer; a VLM's with its chat template), LMs a generation_config.json.
-SigLIP OUT/vision/ and OUT/text/; a VLM OUT/vision/, OUT/projector.safetensors, OUT/lm/ (LoRA
-merged) and, for LoRA runs, OUT/lm_adapter/ (a peft adapter) on OUT/lm_base/.
+SigLIP OUT/vision/ and OUT/text/ (a whole SigLIP: OUT/siglip/, one SiglipModel); a VLM
+OUT/vision/, OUT/projector.safetensors, OUT/lm/ (LoRA merged) and, for LoRA runs, OUT/lm_adapter/
+(a peft adapter) on OUT/lm_base/.
 OUT/model.safetensors holds every tensor of the task under its module names; OUT/config.yaml is
 the run's config; OUT/README.md a model card (Hub front matter, how to load each part, the
 training data, the run's last evaluation, the config). Reading the result needs only

@@ -31,7 +31,7 @@ from PIL import Image
 from core.data.chat import ChatProcessor
 from core.data.preprocess import ImageLoader
 from core.data.tokenizer import train_vlm_tokenizer
-from core.export import chatml_template, save_image_processor, save_tokenizer
+from core.export import save_image_processor, save_tokenizer
 
 ATOL = 1e-5
 SECRET = "hf_vlscaleTestSecretThatMustNotLeak"
@@ -128,11 +128,10 @@ def test_chat_template_renders_as_chat_processor(tmp_path, system, source_templa
     source = tok.chat_template
     if not source_template:
         tok.chat_template = None
-    template = chatml_template(system, image_tokens=4)
-    save_tokenizer(tok, tmp_path / "lm", chat_template=template)
+    processor = ChatProcessor(tok, 4, system)
+    save_tokenizer(tok, tmp_path / "lm", chat_template=processor.export_template())
     assert tok.chat_template == (source if source_template else None)  # the task's is untouched
     exported = AutoTokenizer.from_pretrained(tmp_path / "lm")
-    processor = ChatProcessor(tok, 4, system)
     for images in (0, 2):
         ids = processor.encode(CONVERSATION, images)[0]
         text = exported.apply_chat_template(messages(CONVERSATION, images), tokenize=False)

@@ -1,21 +1,15 @@
-"""Conversations -> Qwen2.5 ChatML token ids with a supervision mask, and the VLM sample decoders.
+"""Conversations -> token ids with a supervision mask (the tokenizer's own chat template), and
+the VLM sample decoders.
 
 A conversation is FineVision's `texts`: a list of {"user": str, "assistant": str} turns. It is
-rendered as Qwen's chat template renders it (Qwen2-VL placement of images):
+rendered with the tokenizer's chat template (ChatML when it has none) as a system message
+(`data.system_prompt`), then one user and one assistant message per turn; all of a sample's
+images open the first user message, each as <|vision_start|> + <|image_pad|> x image_tokens +
+<|vision_end|> (Qwen2-VL's placement). The rendered string is tokenised once.
 
-    <|im_start|>system\\n{system}<|im_end|>\\n
-    <|im_start|>user\\n{images}{user}<|im_end|>\\n<|im_start|>assistant\\n{assistant}<|im_end|>\\n
-    ... one user/assistant pair per turn
-
-Each image is <|vision_start|> + <|image_pad|> x image_tokens + <|vision_end|>; all of a sample's
-images open the first user turn. Special tokens are inserted by id and the text between them is
-tokenised piece by piece, as the tokenizer itself splits a rendered template at special tokens;
-an assistant's content is also tokenised apart from its "assistant\\n" header, exactly as at
-generation time, where the prompt ends with that header. The ids therefore equal tokenising the
-rendered template whenever no assistant content starts with a newline.
-
-Labels equal the ids on every assistant turn's content and its <|im_end|> (the model learns to
-stop), IGNORE (-100) everywhere else. They are not shifted: position t's target is labels[t+1].
+Labels equal the ids on every assistant turn's content and its end-of-turn token (the model
+learns to stop), IGNORE (-100) everywhere else (core/data/chat_template.py states the rule and
+how it holds for each template). They are not shifted: position t's target is labels[t+1].
 """
 
 from __future__ import annotations
@@ -24,7 +18,10 @@ import json
 import re
 
 import torch
+from jinja2.exceptions import TemplateError
 
+from core.data.chat_template import IGNORE as IGNORE  # re-exported: the decoders' label value
+from core.data.chat_template import ChatTemplate
 from core.data.errors import BadSample
 from core.data.preprocess import ImageLoader
 from core.data.tokenizer import (
@@ -36,8 +33,7 @@ from core.data.tokenizer import (
     VISION_START,
 )
 
-IGNORE = -100
-CHAT_TOKENS = (IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD)
+IMAGE_TOKENS = (VISION_START, VISION_END, IMAGE_PAD)
 # Shard members holding a sample's images: "0.jpg", "1.png", ... (see core/data/finevision.py)
 IMAGE_MEMBER = re.compile(r"^(\d+)\.([a-z0-9]+)$")
 
@@ -50,13 +46,25 @@ def special_token_ids(tokenizer, tokens) -> dict[str, int]:
     for token in tokens:
         if token not in vocab:
             raise ValueError(
-                f"the tokenizer has no {token!r} token, which the Qwen2.5 chat format needs "
-                "(Qwen2.5's own tokenizers and `vlscale shards synthetic-vqa`'s have it)"
+                f"the tokenizer has no {token!r} token, which vlscale's VLM needs (Qwen2.5's own "
+                "tokenizers and `vlscale shards synthetic-vqa`'s have all of "
+                f"{', '.join((IM_START, IM_END, *IMAGE_TOKENS))}; a random LM (model.text_config) "
+                "gets the image tokens added)"
             )
         if tokenizer.encode(token, add_special_tokens=False) != [vocab[token]]:
             raise ValueError(f"the tokenizer does not encode {token!r} as a single token")
         ids[token] = vocab[token]
     return ids
+
+
+def add_image_tokens(tokenizer) -> list[str]:
+    """Add the image tokens `tokenizer` lacks, as special tokens (ids after its vocabulary: only
+    an LM whose embeddings are sized to the tokenizer has rows for them). Returns those added."""
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in IMAGE_TOKENS if token not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
 
 
 def clean_texts(texts) -> list[dict[str, str]]:
@@ -84,78 +92,85 @@ def has_answer(turns: list[dict[str, str]]) -> bool:
 
 
 class ChatProcessor:
-    """Qwen2.5 ChatML ids and labels for conversations with images (see the module docstring).
+    """Ids and labels for conversations with images, rendered with the tokenizer's chat template
+    (core/data/chat_template.py: which tokens are supervised, and why).
 
-    `system_prompt=None` leaves the system turn out (Qwen's own template would insert its
-    default one). Texts containing a chat/vision special token raise
-    BadSample("special_token_in_text"): it would break the conversation or the image count.
+    Messages: an optional system turn (`system_prompt`; None passes none, and the template may
+    write its own default, as Qwen2.5's and SmolLM2's do), then a user and an assistant message
+    per turn, every text stripped. The sample's images open the first user message, each as
+    <|vision_start|> + <|image_pad|> x image_tokens + <|vision_end|> (the projector's embeddings
+    replace the pads), so every template places them as it places that message's text.
+    `template_kwargs` go to the template (e.g. {"enable_thinking": False} for Qwen3).
+
+    Texts containing one of the tokenizer's added tokens raise BadSample("special_token_in_text"):
+    it would break the conversation or the image count. A template that rejects the system turn
+    (Gemma's) or writes no end-of-turn token is a ValueError naming the fix.
     """
 
     def __init__(
-        self, tokenizer, image_tokens: int, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
-    ):
+        self, tokenizer, image_tokens: int, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        template_kwargs: dict | None = None,
+    ):  # fmt: skip
         if image_tokens < 1:
             raise ValueError(f"image_tokens must be at least 1, got {image_tokens}")
         self.tokenizer = tokenizer
         self.image_tokens = image_tokens
-        self.system_prompt = system_prompt
-        ids = special_token_ids(tokenizer, CHAT_TOKENS)
-        self.im_start, self.im_end = ids[IM_START], ids[IM_END]
+        self.system_prompt = system_prompt.strip() if system_prompt is not None else None
+        if tokenizer.chat_template is None:  # the ChatML fallback needs Qwen's chat tokens
+            special_token_ids(tokenizer, (IM_START, IM_END))
+        ids = special_token_ids(tokenizer, IMAGE_TOKENS)
         self.image_pad_id = ids[IMAGE_PAD]
-        self._chat_ids = set(ids.values())
-        self._image = [ids[VISION_START]] + [ids[IMAGE_PAD]] * image_tokens + [ids[VISION_END]]
-        self._newline = self._text("\n")
-        self._assistant_header = [self.im_start, *self._text("assistant\n")]
-        self._system = []
-        if system_prompt is not None:
+        self.image_block = VISION_START + IMAGE_PAD * image_tokens + VISION_END
+        self.chat = ChatTemplate(tokenizer, kwargs=template_kwargs)
+        self.end_of_turn_id, self.end_of_turn = self.chat.end_of_turn_id, self.chat.end_of_turn
+        if self.system_prompt is not None:
             try:
-                system = self._text("system\n" + system_prompt)
+                self.chat.check_text(self.system_prompt)
             except BadSample:
                 raise ValueError(
                     f"the system prompt contains a special token: {system_prompt!r}"
                 ) from None
-            self._system = [self.im_start, *system, self.im_end, *self._newline]
+        try:  # a conversation as training renders it: the template must accept it
+            self.encode([{"user": "Hi", "assistant": "Hello"}], 1)
+        except TemplateError as err:
+            raise ValueError(
+                f"the tokenizer's chat template rejects vlscale's conversation ({err})"
+                + ("; set data.system_prompt: '' if it takes no system turn"
+                   if self.system_prompt is not None else "")
+            ) from None  # fmt: skip
 
-    def encode(self, texts: list[dict], num_images: int) -> tuple[list[int], list[int]]:
-        """(input_ids, labels) of the whole conversation, every turn kept."""
-        return self._render(texts, num_images, prompt=False)
-
-    def prompt(self, texts: list[dict], num_images: int) -> list[int]:
-        """Ids for generating the last answer: every turn, the last assistant content left out,
-        ending with <|im_start|>assistant\\n."""
-        return self._render(texts, num_images, prompt=True)[0]
-
-    def _render(self, texts, num_images: int, prompt: bool) -> tuple[list[int], list[int]]:
+    def messages(self, texts: list[dict], num_images: int, prompt: bool = False) -> list[dict]:
+        """The conversation as chat messages with string contents (images as their pads);
+        `prompt` leaves the last assistant message out."""
         if num_images < 0:
             raise ValueError(f"num_images must be >= 0, got {num_images}")
         turns = clean_texts(texts)
-        ids = list(self._system)
-        labels = [IGNORE] * len(ids)
-
-        def add(pieces: list[int], supervised: bool) -> None:
-            ids.extend(pieces)
-            labels.extend(pieces if supervised else [IGNORE] * len(pieces))
-
+        out = []
+        if self.system_prompt is not None:
+            out.append({"role": "system", "content": self.system_prompt})
         for index, turn in enumerate(turns):
-            if index == 0 and num_images:
-                user = [*self._text("user\n"), *self._image * num_images, *self._text(turn["user"])]
-            else:
-                user = self._text("user\n" + turn["user"])
-            add([self.im_start, *user, self.im_end, *self._newline], False)
-            add(self._assistant_header, False)
-            if prompt and index == len(turns) - 1:
-                break
-            add([*self._text(turn["assistant"]), self.im_end], True)
-            add(self._newline, False)
-        return ids, labels
+            user, assistant = turn["user"].strip(), turn["assistant"].strip()
+            self.chat.check_text(user)
+            self.chat.check_text(assistant)
+            images = self.image_block * num_images if index == 0 else ""
+            out.append({"role": "user", "content": images + user})
+            if not (prompt and index == len(turns) - 1):
+                out.append({"role": "assistant", "content": assistant})
+        return out
 
-    def _text(self, text: str) -> list[int]:
-        if not text:
-            return []
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if not self._chat_ids.isdisjoint(ids):
-            raise BadSample("special_token_in_text")
-        return ids
+    def encode(self, texts: list[dict], num_images: int) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of the whole conversation, every turn kept."""
+        return self.chat.encode(self.messages(texts, num_images))
+
+    def prompt(self, texts: list[dict], num_images: int) -> list[int]:
+        """Ids for generating the last answer: every turn, the last assistant content left out,
+        then the template's generation prompt."""
+        return self.chat.prompt_ids(self.messages(texts, num_images, prompt=True))
+
+    def export_template(self) -> str:
+        """A chat template with which `apply_chat_template` renders conversations (images as
+        {"type": "image"} parts) as this processor does."""
+        return self.chat.export_template(self.system_prompt, self.image_block)
 
 
 def read_record(sample: dict) -> dict:
@@ -239,7 +254,7 @@ class VLMTrainDecoder(_VLMDecoder):
 
     def __call__(self, sample: dict) -> dict:
         _, texts, images = self._read(sample)
-        if not has_answer(texts):  # only the turns' <|im_end|> would be supervised
+        if not has_answer(texts):  # only the turns' end-of-turn tokens would be supervised
             raise BadSample("no_supervised_tokens")
         ids, labels = self.processor.encode(texts, len(images))
         if len(ids) > self.max_seq_len:
@@ -253,10 +268,12 @@ class VLMTrainDecoder(_VLMDecoder):
 
 class VLMEvalDecoder(_VLMDecoder):
     """Raw sample -> {"pixel_values", "prompt_ids": int64 [Tp], "answer": str (the last
-    assistant turn), "source": str, "key": str}, for generating the last answer.
+    assistant turn), "answers": list[str], "source": str, "key": str}, for generating the last
+    answer. `answers` is every accepted answer: the json's optional "answers" list (e.g. VQAv2's
+    10 human answers, scored by the `vqa` evaluator's metric), else [answer].
 
-    BadSample reasons as VLMTrainDecoder's, plus empty_answer; too_long when
-    `max_prompt_len` is set and the prompt is longer.
+    BadSample reasons as VLMTrainDecoder's, plus empty_answer and bad_answers ("answers" not a
+    non-empty list of strings); too_long when `max_prompt_len` is set and the prompt is longer.
     """
 
     def __init__(
@@ -277,6 +294,9 @@ class VLMEvalDecoder(_VLMDecoder):
         answer = texts[-1]["assistant"]
         if not answer.strip():
             raise BadSample("empty_answer")
+        answers = record.get("answers", [answer])
+        if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+            raise BadSample("bad_answers")
         prompt = self.processor.prompt(texts, len(images))
         if self.max_prompt_len is not None and len(prompt) > self.max_prompt_len:
             raise BadSample("too_long")
@@ -285,6 +305,7 @@ class VLMEvalDecoder(_VLMDecoder):
             "pixel_values": self._pixels(images),
             "prompt_ids": torch.tensor(prompt, dtype=torch.int64),
             "answer": answer,
+            "answers": answers,
             "source": source if isinstance(source, str) else "",
             "key": sample["__key__"],
         }

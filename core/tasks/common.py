@@ -12,17 +12,17 @@ from ..data.stream import ShardStream
 from ..models import hub
 
 
-def load_tower(path: str, config: dict, image_size: int = 0) -> torch.nn.Module:
+def load_tower(path: str, config: dict, image_size: int = 0, part: str = "") -> torch.nn.Module:
     """A pretrained tower (hub id or local dir), or a random one from an HF-style config dict.
     For vision towers `image_size` (when set) overrides the checkpoint's size; positions are
-    interpolated."""
+    interpolated. part="text": the text tower of a two-tower checkpoint (core.models)."""
     if not path and "model_type" not in config:
         raise ConfigError(
             "a tower needs a checkpoint (model.vision / model.text) or a config with a "
             "model_type (model.vision_config / model.text_config)"
         )
     if path:
-        model = models.from_pretrained(hub.resolve(path))
+        model = models.from_pretrained(hub.resolve(path), part=part)
         if image_size and hasattr(model, "set_image_size"):
             model.set_image_size(image_size)
         return model.train()

@@ -1,7 +1,8 @@
 """Staged VLM training (SiQ-VL style): frozen vision tower -> pixel-shuffle projector -> LM.
 
 Stage 1 trains the projector only; stage 2 starts from stage 1 (`task.init_from`) and trains the
-LM too, fully or with LoRA adapters (peft). Samples are ChatML conversations packed into rows
+LM too, fully or with LoRA adapters (peft). Samples are conversations rendered with the
+tokenizer's chat template (core/data/chat_template.py) and packed into rows
 (core/data/packing.py); the loss is the mean over every supervised token of the global batch
 (the loop passes the global count in as `loss_denominator`), not a mean of micro-batch means.
 
@@ -26,9 +27,9 @@ from torch import nn
 from .. import models
 from ..config import Config, ConfigError, DataConfig, TaskConfig
 from ..consolidate import fit_state, run_state
-from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder
+from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder, add_image_tokens
 from ..data.packing import PackedCollate, PromptCollate, supervised_targets
-from ..export import chatml_template, save_generation_config, save_image_processor, save_tokenizer
+from ..export import save_generation_config, save_image_processor, save_tokenizer
 from ..flops import TowerCost, segment_square_sum
 from ..lora import LoraConfig, add_lora, has_lora, merge_lora_state, write_peft_adapter
 from ..models.generation import generate
@@ -61,14 +62,21 @@ class VLMConfig(TaskConfig):
     lora: LoraConfig = field(default_factory=LoraConfig)
     init_from: str = ""  # a previous stage's run directory (its newest checkpoint)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    # The vision features the projector reads (CLS dropped): 0 the tower's output (after
+    # SigLIP's / ViT's final LayerNorm; CLIP's has none), k != 0 transformers' hidden_states[k],
+    # the output of block k, negative from the end: -2 is LLaVA-1.5's (CLIP) penultimate layer.
+    vision_feature_layer: int = 0
 
 
 @dataclass
 class VLMDataConfig(DataConfig):
-    """ChatML conversations with images (FineVision-converted shards)."""
+    """Conversations with images (FineVision-converted shards), rendered with the tokenizer's
+    chat template (core/data/chat_template.py)."""
 
     max_seq_len: int = 1024  # a sample's tokens; packed rows have this length
-    system_prompt: str = "You are a helpful assistant."
+    system_prompt: str = "You are a helpful assistant."  # "": none (Gemma's template takes none)
+    # The chat template's arguments; Qwen3 without thinking: its prompt ends `<think>\n\n</think>`
+    chat_template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
     max_images: int = 8  # per sample
 
 
@@ -84,6 +92,8 @@ class VLMTask(Task, Generative):
         if not (m.text or m.text_config):
             raise ConfigError("task.kind=vlm: set model.text or model.text_config")
         self.tokenizer = build_tokenizer(cfg)  # its pad token is set (EOS when it has none)
+        if not m.text:  # a random LM's vocabulary is sized to the tokenizer: room for them
+            add_image_tokens(self.tokenizer)
         self.vision = load_tower(m.vision, m.vision_config, m.image_size)
         text_config = {"vocab_size": len(self.tokenizer), **m.text_config}
         self.lm = load_tower(m.text, text_config if not m.text else {})
@@ -97,9 +107,16 @@ class VLMTask(Task, Generative):
                 f"{self.vision.patch_size})"
             )
         self.tokens_per_image = (grid // factor) ** 2
+        self.feature_layer = t.vision_feature_layer
+        blocks = len(self.vision.blocks)
+        if not -blocks <= self.feature_layer <= blocks:
+            raise ConfigError(
+                f"task.vision_feature_layer={self.feature_layer}: the vision tower has {blocks} "
+                f"blocks; valid: -{blocks}..{blocks} (0: its output)"
+            )
         self.processor = chat_processor(self.tokenizer, self.tokens_per_image, cfg.data)
         self.image_token_id = self.processor.image_pad_id
-        self.end_of_turn_id = self.processor.im_end
+        self.end_of_turn_id = self.processor.end_of_turn_id
         self.projector = Projector(self.vision.hidden_size, self.lm.hidden_size, factor, p.kind)
         if t.init_from and not _on_meta(self):
             self.load_previous_stage(t.init_from)
@@ -174,7 +191,10 @@ class VLMTask(Task, Generative):
             pixel_values = pixel_values.new_zeros(1, 3, size, size)
         frozen = not any(p.requires_grad for p in self.vision.parameters())
         with torch.no_grad() if frozen else contextlib.nullcontext():
-            features = self.vision(pixel_values)
+            if self.feature_layer:
+                features = self.vision.hidden_state(pixel_values, self.feature_layer)
+            else:
+                features = self.vision(pixel_values)
         if self.vision.has_cls_token:
             features = features[:, 1:]
         return self.projector(features)
@@ -212,8 +232,8 @@ class VLMTask(Task, Generative):
         """vision/ (+ its image processor), projector.safetensors, lm/ (adapters merged) and, for
         LoRA runs, lm_base/ + lm_adapter/ (peft) — each loadable without vlscale (`vlscale
         export`). lm/ and lm_base/ carry the tokenizer, whose default chat template renders
-        prompts as training did (core/export.py chatml_template), and a generation config that
-        stops at <|im_end|>."""
+        prompts as training did (ChatProcessor.export_template), and a generation config that
+        stops at the end-of-turn token."""
         from safetensors.torch import save_file
 
         models.save_pretrained(self.vision, out / "vision")
@@ -236,8 +256,7 @@ class VLMTask(Task, Generative):
 
     def _export_lm_files(self, path) -> None:
         tok = self.tokenizer
-        template = chatml_template(self.processor.system_prompt, self.tokens_per_image)
-        save_tokenizer(tok, path, chat_template=template)
+        save_tokenizer(tok, path, chat_template=self.processor.export_template())
         # No answer is longer than a training sequence; vlscale generate's default is 64.
         save_generation_config(
             path, eos_token_id=self.end_of_turn_id, pad_token_id=tok.pad_token_id,
@@ -249,6 +268,8 @@ class VLMTask(Task, Generative):
         notes = [
             f"- The parts compose as vlscale's VLM: each image, resized to {size} x {size} "
             "(vision/'s image processor), goes through vision/"
+            + (f" (read at transformers' hidden_states[{t.vision_feature_layer}], a block's "
+               "output)" if t.vision_feature_layer else "")
             + (" (its CLS token dropped)" if self.vision.has_cls_token else "")
             + f", then the projector (`projector.*` in projector.safetensors: pixel shuffle "
             f"{self.projector.factor} x {self.projector.factor}, {t.projector.kind}), giving "
@@ -260,7 +281,8 @@ class VLMTask(Task, Generative):
             + (f" (system prompt {self.processor.system_prompt!r} unless the conversation has "
                "its own)" if self.processor.system_prompt else " (no system turn)")
             + "; another template the source tokenizer had is kept as `chat_template=\"source\"`"
-            ". Generation stops at `<|im_end|>` (generation_config.json, greedy).",
+            f". Generation stops at `{self.processor.end_of_turn}` (generation_config.json, "
+            "greedy).",
         ]  # fmt: skip
         if t.lm_tuning == "lora":
             notes.append("- lm/ has the LoRA adapters merged; lm_base/ + lm_adapter/ (peft) are "
@@ -353,9 +375,12 @@ def decode_until(tokenizer, tokens: torch.Tensor, stop_id: int) -> list[str]:
 
 
 def chat_processor(tokenizer, tokens_per_image: int, data):
-    """The ChatML processor; a tokenizer without Qwen's chat and vision tokens is a config error."""
+    """The chat processor; a tokenizer without the image tokens, or a template that cannot render
+    the conversation, is a config error."""
     try:
-        return ChatProcessor(tokenizer, tokens_per_image, data.system_prompt or None)
+        return ChatProcessor(
+            tokenizer, tokens_per_image, data.system_prompt or None, data.chat_template_kwargs
+        )
     except ValueError as err:
         raise ConfigError(f"model.tokenizer: {err}") from None
 
