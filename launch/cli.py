@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "export": ("launch.export", "a run's checkpoint (any engine) as HF-layout safetensors"),
     "push": ("launch.push", "upload a run (exported first) or an export to the Hugging Face Hub"),
     "generate": ("launch.generate", "answer prompts (with images) using a trained VLM run"),
+    "eval": ("launch.evaluate", "run an evaluator (or the declared ones) on a run's checkpoint"),
     "plan": ("launch.plan", "estimate per-GPU memory of every engine for a recipe"),
     "submit": ("launch.submit", "submit a recipe (or resume a run) as a SLURM job via submitit"),
     "status": ("launch.status", "a run's step, newest checkpoint, SLURM jobs and their states"),

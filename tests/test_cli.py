@@ -20,6 +20,7 @@ def test_console_script_help_lists_working_subcommands():
         "export",
         "push",
         "generate",
+        "eval",
         "plan",
         "submit",
         "status",

@@ -281,9 +281,17 @@ def test_ids_equal_the_chat_template(tokenizer, name, system):
 
 
 def test_no_system_prompt_leaves_the_system_turn_out(tokenizer):
+    """system_prompt=None passes no system message: this tokenizer's template writes its default
+    one (as Qwen2.5's does), and ChatML (a tokenizer without a template) none."""
     texts, n = CONVERSATIONS["multiturn"]
     with_system = ChatProcessor(tokenizer, IMAGE_TOKENS).encode(texts, n)
-    without = ChatProcessor(tokenizer, IMAGE_TOKENS, system_prompt=None).encode(texts, n)
+    default = ChatProcessor(tokenizer, IMAGE_TOKENS, system_prompt=None).encode(texts, n)
+    assert default == with_system
+    source, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        without = ChatProcessor(tokenizer, IMAGE_TOKENS, system_prompt=None).encode(texts, n)
+    finally:
+        tokenizer.chat_template = source
     system_ids = tokenizer(
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", add_special_tokens=False
     )["input_ids"]
@@ -665,7 +673,8 @@ def test_eval_decoder(processor, shards_dir):
     sample = shard_samples(shards_dir / "shapes_multiturn", "val")[0]
     out = decode(sample)
     texts = json.loads(sample["json"])["texts"]
-    assert set(out) == {"pixel_values", "prompt_ids", "answer", "source", "key"}
+    assert set(out) == {"pixel_values", "prompt_ids", "answer", "answers", "source", "key"}
+    assert out["answers"] == [out["answer"]]  # no "answers" in the json: the last turn alone
     assert out["prompt_ids"].tolist() == processor.prompt(texts, 1)
     assert out["prompt_ids"].dtype == torch.int64
     assert out["answer"] == texts[-1]["assistant"] and out["source"] == "shapes_multiturn"

@@ -18,7 +18,7 @@ from core.distributed import init_distributed
 from core.models import hub
 
 calls = []
-def fake(repo_id, allow_patterns=None, local_files_only=False):
+def fake(repo_id, allow_patterns=None, local_files_only=False, repo_type="model"):
     calls.append((time.time(), local_files_only))
     if {fail!r} and not local_files_only:
         raise OSError("no network")

@@ -22,6 +22,8 @@ from .loss import LossEvaluator
 from .retrieval import RetrievalEvaluator
 from .vqa import VQAEvaluator
 from .zeroshot import ZeroshotEvaluator
+from .zeroshot_classification import ZeroshotClassificationEvaluator
+from .zeroshot_retrieval import ZeroshotRetrievalEvaluator
 
 EVALUATORS: dict[str, type[Evaluator]] = {}
 
@@ -33,6 +35,8 @@ def register_evaluator(cls: type[Evaluator]) -> type[Evaluator]:
 
 for _cls in (LossEvaluator, RetrievalEvaluator, ZeroshotEvaluator, VQAEvaluator,
              GenerationEvaluator):  # fmt: skip
+    register_evaluator(_cls)
+for _cls in (ZeroshotClassificationEvaluator, ZeroshotRetrievalEvaluator):  # clip_benchmark's
     register_evaluator(_cls)
 
 

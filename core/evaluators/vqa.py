@@ -1,9 +1,18 @@
-"""`vqa`: generate the answer to every validation question and score it by exact match after
-normalisation (core.metrics.vqa_accuracy), overall and per subset (`vqa_acc/<subset>`)."""
+"""`vqa`: generate the answer to every validation question and score it with the declared
+`metric` (core.metrics.ANSWER_METRICS), overall and per subset:
+
+    exact    vqa_acc, vqa_acc/<subset>          exact match after normalising case and punctuation
+    vqav2    vqav2_acc, vqav2_acc/<subset>      VQAv2 soft accuracy over the human answers
+    anls     anls, anls/<subset>                DocVQA / ST-VQA / InfographicVQA
+    relaxed  relaxed_acc, relaxed_acc/<subset>  ChartQA: numbers within 5%, else exact
+
+A question's accepted answers are the sample's `answers` where the task gives them (a
+FineVision-format sample whose json has an "answers" list), else its one `answer`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .. import distributed
 from ..metrics import vqa_accuracy
@@ -15,16 +24,22 @@ from .base import EvalContext, Evaluator, Options
 class VQAOptions(Options):
     subsets: list[str] = field(default_factory=list)  # default: the training mixture's
     max_new_tokens: int = 16
+    metric: Literal["exact", "vqav2", "anls", "relaxed"] = "exact"
 
 
-def answer_records(task, ctx: EvalContext, subsets, max_new_tokens: int, limit: int = 0):
+def answer_records(task, ctx: EvalContext, subsets, max_new_tokens: int, limit: int = 0,
+                   all_answers: bool = False):  # fmt: skip
     """(key, subset, prediction, reference) of this rank's share of the questions (the first
-    `limit` when set)."""
+    `limit` when set). The reference is the sample's `answer`; with `all_answers`, the list of
+    its `answers` where the batch has them (else [answer])."""
     batch_size = min(ctx.batch_size, limit) if limit else ctx.batch_size
     records = []
     for batch in ctx.batches(task.prompt_stream(ctx.dist, batch_size, subsets)):
         predictions = task.generate(batch, max_new_tokens)
-        rows = zip(batch["key"], batch["source"], predictions, batch["answer"], strict=True)
+        references = batch["answer"]
+        if all_answers:
+            references = batch.get("answers") or [[answer] for answer in references]
+        rows = zip(batch["key"], batch["source"], predictions, references, strict=True)
         records += list(rows)
         if limit and len(records) >= limit:
             return records[:limit]
@@ -38,9 +53,9 @@ class VQAEvaluator(Evaluator):
 
     def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
         o = self.options
-        local = answer_records(task, ctx, o.subsets, o.max_new_tokens)
+        local = answer_records(task, ctx, o.subsets, o.max_new_tokens, all_answers=True)
         gathered = distributed.all_gather_object(local)
         if not ctx.dist.is_main:
             return {}
         by_key = {record[0]: record for records in gathered for record in records}
-        return vqa_accuracy(by_key[k] for k in sorted(by_key))
+        return vqa_accuracy((by_key[k] for k in sorted(by_key)), o.metric)

@@ -85,9 +85,12 @@ def write_config(config: dict, path: str | Path) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
-def resolve(path_or_id: str, allow_patterns: list[str] | None = None) -> Path:
+def resolve(
+    path_or_id: str, allow_patterns: list[str] | None = None, repo_type: str = "model"
+) -> Path:
     """A local checkpoint directory as is, or a hub id (e.g. `Qwen/Qwen3-0.6B`) downloaded once
-    into the Hugging Face cache (safetensors, configs and tokenizer files only)."""
+    into the Hugging Face cache (safetensors, configs and tokenizer files only). `repo_type`
+    "dataset" for a dataset repository (e.g. `clip-benchmark/wds_imagenet1k`)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -97,7 +100,7 @@ def resolve(path_or_id: str, allow_patterns: list[str] | None = None) -> Path:
 
     patterns = allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return Path(snapshot_download(path_or_id, allow_patterns=patterns))
+        return Path(snapshot_download(path_or_id, allow_patterns=patterns, repo_type=repo_type))
     # Once per node: local rank 0 downloads while the node's other ranks wait, then they find
     # the files in the cache (instead of 8 ranks racing for the same 15 GB). Every rank builds
     # the task, so every rank reaches the collective below.
@@ -105,7 +108,7 @@ def resolve(path_or_id: str, allow_patterns: list[str] | None = None) -> Path:
     path, error = None, None
     if first:
         try:
-            path = snapshot_download(path_or_id, allow_patterns=patterns)
+            path = snapshot_download(path_or_id, allow_patterns=patterns, repo_type=repo_type)
         except Exception as err:  # noqa: BLE001 - every rank must hear of it, not wait forever
             error = f"{type(err).__name__}: {err}"
     errors = [None] * dist.get_world_size()
@@ -114,5 +117,7 @@ def resolve(path_or_id: str, allow_patterns: list[str] | None = None) -> Path:
     if failed:
         raise OSError(f"downloading {path_or_id} failed: {failed[0]}")
     if not first:
-        path = snapshot_download(path_or_id, allow_patterns=patterns, local_files_only=True)
+        path = snapshot_download(
+            path_or_id, allow_patterns=patterns, repo_type=repo_type, local_files_only=True
+        )
     return Path(path)

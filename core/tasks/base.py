@@ -157,6 +157,11 @@ class ImageTextEmbedder(ABC):
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask of free texts (class prompts), exactly as captions are."""
 
+    @abstractmethod
+    def preprocess_image(self, data: bytes) -> torch.Tensor:
+        """An encoded image file (JPEG, PNG, WebP) -> its pixel_values [3, H, W], exactly as
+        validation images are (benchmark datasets outside the recipe's data)."""
+
 
 class Generative(ABC):
     """Capability: answers questions about images (VQA evaluation, generation samples,
@@ -165,7 +170,8 @@ class Generative(ABC):
     @abstractmethod
     def prompt_stream(self, dist, batch_size: int, subsets: list[str]):
         """This rank's share of the validation questions, once: batches of prompts ready for
-        `generate`, plus `key`, `source` (subset) and `answer` (reference) lists."""
+        `generate`, plus `key`, `source` (subset) and `answer` (reference) lists, and
+        optionally `answers` (every accepted answer of each question, for the `vqa` metrics)."""
 
     @abstractmethod
     def prompt_batch(self, items: list[tuple[str, list[bytes]]]) -> dict:

@@ -1,0 +1,94 @@
+"""`vlscale eval RUN_DIR [--evaluator NAME [key=value ...]]...`: evaluate a run's checkpoint.
+
+Loads the run's newest checkpoint (any engine; `--step N` another) and runs each evaluator NAME
+(any in core/evaluators/, e.g. zeroshot_classification) with its options given as key=value
+(YAML values, as recipe overrides: `ks=[1,5]`), or without --evaluator the run's declared
+eval.evaluators. Each evaluator's metrics are printed (JSON) and written with the step and the
+options to RUN_DIR/eval_<NAME>.json; training's eval.json is left as it is. It evaluates in
+bf16 autocast when the run trained in bf16 (as training's evaluation does), unless --fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a training run directory (holds config.yaml)")
+    parser.add_argument(
+        "--evaluator", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+        help="an evaluator and its options (repeatable); default: the run's eval.evaluators",
+    )  # fmt: skip
+    parser.add_argument("--step", type=int, default=None, help="default: the newest checkpoint")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast for bf16 runs")
+
+
+def load_run(run_dir: str | Path, step: int | None = None, device: torch.device | None = None):
+    """(task with the checkpoint's weights in eval mode on `device`, its Config, the checkpoint's
+    step) of a run: the newest checkpoint, or `step`'s, written by any engine. `device`: CUDA
+    when there is one, else the CPU."""
+    from core.consolidate import checkpoint_dir
+    from launch.export import consolidated
+
+    step = int(checkpoint_dir(run_dir, step).name.rsplit("_", 1)[1])  # step_<N>
+    task, cfg, _ = consolidated(run_dir, step)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return task.to(device).eval(), cfg, step
+
+
+def evaluate(run_dir: str | Path, declared: list | None = None, step: int | None = None,
+             batch_size: int | None = None, fp32: bool = False) -> dict[str, dict]:  # fmt: skip
+    """{evaluator name: its metrics} of a run's checkpoint for `declared` (eval.evaluators
+    entries; None: the run's), each also written to RUN_DIR/eval_<name>.json with the step and
+    its options."""
+    from core.config import ConfigError
+    from core.distributed import DistInfo
+    from core.evaluators import EvalContext, build_evaluators, resolve_evaluators
+
+    if declared is not None:  # bad names and options fail before the checkpoint is read
+        declared = resolve_evaluators(declared)
+    task, cfg, step = load_run(run_dir, step)
+    declared = cfg.eval.evaluators if declared is None else declared
+    if not declared:
+        raise ConfigError(f"{run_dir} declares no eval.evaluators: give --evaluator NAME")
+    evaluators = build_evaluators(declared, task)
+    if batch_size:
+        cfg.eval.batch_size = batch_size
+    device = next(task.parameters()).device
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    bf16 = cfg.engine.precision == "bf16" and not fp32
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    )
+    ctx = EvalContext(cfg=cfg, dist=dist, step=step, run_dir=Path(run_dir))  # one round
+    results = {}
+    for entry, evaluator in zip(declared, evaluators, strict=True):
+        ((name, options),) = entry.items()
+        with torch.no_grad(), autocast:
+            metrics = evaluator(task, ctx)
+        results[name] = metrics
+        out = Path(run_dir) / f"eval_{name}.json"
+        tmp = out.with_name(out.name + ".tmp")
+        record = {"step": step, "evaluator": name, "options": options, "metrics": metrics}
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, out)
+    return results
+
+
+def main(args) -> int:
+    from core.config import parse_override
+
+    declared = None  # the run's own
+    if args.evaluator:
+        declared = [{name: dict(parse_override(o) for o in options)}
+                    for name, *options in args.evaluator]  # fmt: skip
+    results = evaluate(args.run_dir, declared, args.step, args.batch_size, args.fp32)
+    print(json.dumps(results, indent=2))
+    return 0
