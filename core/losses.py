@@ -1,10 +1,13 @@
 """SigLIP pairwise sigmoid loss, with the global batch spread over a ring of ranks.
 
 Every rank keeps its own image features and passes text features around the ring, so it scores its
-b_local images against all W * b_local texts one b_local x b_local block at a time; the gradient of
-each visiting text block travels back around the ring to the rank that owns it. The block loss
-recomputes its logits in backward instead of saving them, so no rank ever holds more than one block
-(or one chunk_size x b_local slice of it) of logits, in forward or backward.
+b_local images against all W * b_local texts one b_local x b_local block at a time. Nothing that
+arrives is kept for backward: backward sends the texts round the ring again, each with a gradient
+buffer that collects every rank's d/dtext on the way and is delivered to the text's owner after the
+last visit. Logits are recomputed in backward instead of saved. So a rank holds at most one block
+(or one chunk_size x b_local slice of it) of logits and a few b_local x D buffers, in forward and
+backward, whatever the world size (open_clip's SigLipLoss keeps every block's logits and every
+visiting text block for backward: its memory grows with W).
 """
 
 from __future__ import annotations
@@ -27,51 +30,37 @@ def _signed_logits(img, txt, scale, bias, row0: int, positive: bool) -> torch.Te
     return yz
 
 
-class _SigmoidBlock(torch.autograd.Function):
-    """-sum log sigmoid(y * z) over one block, in row chunks, recomputing the logits in backward."""
+def _block_loss(img, txt, scale, bias, positive: bool, chunk_size: int) -> torch.Tensor:
+    """-sum log sigmoid(y * z) over one block, in row chunks."""
+    loss = img.new_zeros(())
+    for row0 in range(0, img.shape[0], chunk_size):
+        rows = img[row0 : row0 + chunk_size]
+        loss -= F.logsigmoid(_signed_logits(rows, txt, scale, bias, row0, positive)).sum()
+    return loss
 
-    @staticmethod
-    def forward(ctx, img, txt, scale, bias, positive: bool, chunk_size: int):
-        ctx.save_for_backward(img, txt, scale, bias)
-        ctx.positive, ctx.chunk_size = positive, chunk_size
-        loss = img.new_zeros(())
-        for row0 in range(0, img.shape[0], chunk_size):
-            rows = img[row0 : row0 + chunk_size]
-            loss -= F.logsigmoid(_signed_logits(rows, txt, scale, bias, row0, positive)).sum()
-        return loss
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        img, txt, scale, bias = ctx.saved_tensors
-        need_img, need_txt = ctx.needs_input_grad[:2]
-        grad_img = torch.empty_like(img) if need_img else None
-        grad_txt = torch.zeros_like(txt) if need_txt else None
-        grad_scale, grad_bias = img.new_zeros(()), img.new_zeros(())
-        with torch.autocast(img.device.type, enabled=False):
-            for row0 in range(0, img.shape[0], ctx.chunk_size):
-                rows = img[row0 : row0 + ctx.chunk_size]
-                # d(-log sigmoid(y z)) / dz = -y * sigmoid(-y z)
-                g = _signed_logits(rows, txt, scale, bias, row0, ctx.positive).neg_().sigmoid_()
-                if ctx.positive:
-                    g.diagonal(offset=row0).neg_()
-                g.mul_(grad_loss)
-                g_txt = g @ txt
-                if need_img:
-                    grad_img[row0 : row0 + ctx.chunk_size] = g_txt * scale
-                if need_txt:
-                    grad_txt.addmm_(g.T, rows)
-                grad_scale += (g_txt * rows).sum()
-                grad_bias += g.sum()
+def _block_backward(img, txt, scale, bias, positive, chunk_size, grad_loss, acc, need_txt):
+    """One block's gradients: adds d/dimg / scale, d/dscale, d/dbias into acc (in place) and
+    returns d/dtxt (None unless need_txt). The logits are recomputed chunk by chunk."""
+    grad_img, grad_scale, grad_bias = acc
+    grad_txt = torch.zeros_like(txt) if need_txt else None
+    for row0 in range(0, img.shape[0], chunk_size):
+        rows = img[row0 : row0 + chunk_size]
+        # d(-log sigmoid(y z)) / dz = -y * sigmoid(-y z)
+        g = _signed_logits(rows, txt, scale, bias, row0, positive).neg_().sigmoid_()
+        if positive:
+            g.diagonal(offset=row0).neg_()
+        g.mul_(grad_loss)
+        g_txt = g @ txt
+        if grad_img is not None:
+            grad_img[row0 : row0 + chunk_size] += g_txt
         if need_txt:
-            grad_txt.mul_(scale)
-        return (
-            grad_img,
-            grad_txt,
-            grad_scale.reshape(scale.shape),
-            grad_bias.reshape(bias.shape),
-            None,
-            None,
-        )
+            grad_txt.addmm_(g.T, rows)
+        grad_scale += (g_txt * rows).sum()
+        grad_bias += g.sum()
+    if need_txt:
+        grad_txt.mul_(scale)
+    return grad_txt
 
 
 def _shift(x: torch.Tensor, group, step: int) -> torch.Tensor:
@@ -88,22 +77,59 @@ def _shift(x: torch.Tensor, group, step: int) -> torch.Tensor:
     return out
 
 
-class _RingShift(torch.autograd.Function):
-    """Take the left neighbour's tensor and give ours to the right; gradients go the other way.
-
-    Each shift's backward needs the gradient of its output, which includes the next shift's
-    backward, so every rank runs the backward shifts in the same (reverse) order and the sends and
-    receives pair up without deadlock for any world size.
-    """
+class _RingSigmoidLoss(torch.autograd.Function):
+    """This rank's images against its own texts (the positives) and then, shifted one rank along
+    the ring at a time, every other rank's texts; saves only its own features for backward."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _shift(x, group, +1)
+    def forward(ctx, img, txt, scale, bias, group, world: int, chunk_size: int):
+        ctx.save_for_backward(img, txt, scale, bias)
+        ctx.group, ctx.world, ctx.chunk_size = group, world, chunk_size
+        loss = _block_loss(img, txt, scale, bias, True, chunk_size)
+        visiting = txt
+        for _ in range(world - 1):
+            visiting = _shift(visiting, group, +1)  # after k shifts: the texts of rank r - k
+            loss += _block_loss(img, visiting, scale, bias, False, chunk_size)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad):
-        return _shift(grad, ctx.group, -1), None
+    def backward(ctx, grad_loss):
+        img, txt, scale, bias = ctx.saved_tensors
+        group, world, chunk = ctx.group, ctx.world, ctx.chunk_size
+        need_img, need_txt = ctx.needs_input_grad[:2]
+        acc = [torch.zeros_like(img) if need_img else None, img.new_zeros(()), img.new_zeros(())]
+        with torch.autocast(img.device.type, enabled=False):
+            grad_txt = _block_backward(img, txt, scale, bias, True, chunk, grad_loss, acc, need_txt)
+            # The texts go round again in forward's order, each travelling with the gradient
+            # it has collected: [texts, d/dtexts so far] in one message per hop. Every rank runs
+            # the same hops in the same order with the same shapes (need_txt is the model's, the
+            # same on every rank), so the sends and receives pair up for any world size.
+            pair = txt[None]
+            if need_txt and world > 1:
+                pair = txt.new_zeros((2, *txt.shape))
+                pair[0] = txt
+            for _ in range(world - 1):
+                pair = _shift(pair, group, +1)
+                g = _block_backward(img, pair[0], scale, bias, False, chunk, grad_loss, acc,
+                                    need_txt)  # fmt: skip
+                if need_txt:
+                    pair[1] += g
+                del g  # before the next hop allocates its buffers
+            if need_txt and world > 1:
+                # After its last visit a text block is one rank left of its owner: send it home.
+                grad_txt += _shift(pair[1], group, +1)
+        grad_img, grad_scale, grad_bias = acc
+        if need_img:
+            grad_img.mul_(scale)
+        return (
+            grad_img,
+            grad_txt,
+            grad_scale.reshape(scale.shape),
+            grad_bias.reshape(bias.shape),
+            None,
+            None,
+            None,
+        )
 
 
 def _world_size(group) -> int:
@@ -138,10 +164,7 @@ def sigmoid_loss(
     with torch.autocast(image_features.device.type, enabled=False):
         img, txt = image_features.to(dtype), text_features.to(dtype)
         scale, bias = logit_scale.to(dtype).exp(), logit_bias.to(dtype)
-        loss = _SigmoidBlock.apply(img, txt, scale, bias, True, chunk_size)
-        for _ in range(_world_size(group) - 1):
-            txt = _RingShift.apply(txt, group)
-            loss = loss + _SigmoidBlock.apply(img, txt, scale, bias, False, chunk_size)
+        loss = _RingSigmoidLoss.apply(img, txt, scale, bias, group, _world_size(group), chunk_size)
     # Normalisation: rank r returns L_r = -(1/b_local) * sum over its b_local x N rows of the
     # global N x N matrix (N = W * b_local) of log sigmoid(y z). The mean of the L_r over ranks is
     # exactly the single-process loss on the concatenated batch, -(1/N) * sum over all N x N
