@@ -312,3 +312,42 @@ def test_tiny_llama_vlm_trains_with_a_llama3_template(vqa, tmp_path):
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
     assert losses[-1] < losses[0]
     assert 0.0 <= result["vqa_acc"] <= 1.0
+
+
+def test_pretrained_llama_without_image_tokens_gets_embedding_rows_for_them(vqa, tmp_path):
+    """A pretrained LM whose tokenizer lacks the image tokens (Llama 3, SmolLM2, Gemma): the task
+    adds them and grows the embeddings (and the untied head) by their mean; existing rows stay;
+    it trains, and the export loads in transformers with the grown vocabulary and tokenizer."""
+    import transformers as hf
+    from test_vlm_task import vlm_overrides
+
+    from core.loop import train
+    from core.recipe import load_config
+    from core.tasks import build_task
+    from launch.export import export
+
+    tok_dir = tmp_path / "tokenizer"
+    tok = family_tokenizer("llama3", tok_dir, image_tokens=False, texts=["What colour is it?"])
+    assert "<|image_pad|>" not in tok.get_vocab()
+    cfg = hf.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    pretrained = hf.LlamaForCausalLM.from_pretrained(tmp_path / "llama").state_dict()
+    over = {"model.tokenizer": str(tok_dir), "model.text": str(tmp_path / "llama"),
+            "model.text_config": "{}", "task.trainable": "[projector.*, lm.*]"}  # fmt: skip
+    config = load_config("tiny_vlm_stage1", vlm_overrides(vqa, tmp_path / "run", 3, **over))
+    task = build_task(config)
+    assert task.lm.config.vocab_size == len(tok) + 3 == len(task.tokenizer)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        grown = task.lm.state_dict()[key]
+        assert torch.equal(grown[: len(tok)], pretrained[key])
+        assert torch.allclose(grown[len(tok) :], pretrained[key].mean(0).expand(3, -1))
+    train(config)
+    export(tmp_path / "run", tmp_path / "out")
+    lm = hf.LlamaForCausalLM.from_pretrained(tmp_path / "out" / "lm").eval()
+    exported_tok = hf.AutoTokenizer.from_pretrained(tmp_path / "out" / "lm")
+    assert lm.config.vocab_size == len(exported_tok) == len(tok) + 3
+    assert exported_tok.convert_tokens_to_ids("<|image_pad|>") == task.image_token_id

@@ -48,8 +48,8 @@ def special_token_ids(tokenizer, tokens) -> dict[str, int]:
             raise ValueError(
                 f"the tokenizer has no {token!r} token, which vlscale's VLM needs (Qwen2.5's own "
                 "tokenizers and `vlscale shards synthetic-vqa`'s have all of "
-                f"{', '.join((IM_START, IM_END, *IMAGE_TOKENS))}; a random LM (model.text_config) "
-                "gets the image tokens added)"
+                f"{', '.join((IM_START, IM_END, *IMAGE_TOKENS))}; the VLM task adds the image "
+                "tokens a tokenizer lacks, with embedding rows for them)"
             )
         if tokenizer.encode(token, add_special_tokens=False) != [vocab[token]]:
             raise ValueError(f"the tokenizer does not encode {token!r} as a single token")

@@ -370,6 +370,29 @@ class Decoder(nn.Module):
         if self.config.tie_embeddings and self.lm_head is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, size: int) -> None:
+        """Grow the vocabulary to `size` rows, for tokens added to the tokenizer (a VLM's image
+        tokens): the embedding's (and an untied head's) new rows start at the mean of its rows,
+        transformers' `mean_resizing` without its random spread; existing rows are unchanged."""
+        old = self.config.vocab_size
+        if size < old:
+            raise ValueError(f"resize_token_embeddings: {size} rows < the current {old}")
+        if size == old:
+            return
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+            rows = torch.cat([weight, mean.expand(size - old, -1)])
+            return nn.Parameter(rows, requires_grad=weight.requires_grad)
+
+        embed = self.model.embed_tokens
+        embed.weight, embed.num_embeddings = grown(embed.weight), size
+        if self.lm_head is not None and not self.config.tie_embeddings:
+            self.lm_head.weight, self.lm_head.out_features = grown(self.lm_head.weight), size
+        self.config.vocab_size = size
+        self.tie_weights()
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         if self.config.embed_scale:

@@ -92,11 +92,12 @@ class VLMTask(Task, Generative):
         if not (m.text or m.text_config):
             raise ConfigError("task.kind=vlm: set model.text or model.text_config")
         self.tokenizer = build_tokenizer(cfg)  # its pad token is set (EOS when it has none)
-        if not m.text:  # a random LM's vocabulary is sized to the tokenizer: room for them
-            add_image_tokens(self.tokenizer)
+        add_image_tokens(self.tokenizer)  # those it lacks (Llama's, SmolLM2's, Gemma's)
         self.vision = load_tower(m.vision, m.vision_config, m.image_size)
         text_config = {"vocab_size": len(self.tokenizer), **m.text_config}
         self.lm = load_tower(m.text, text_config if not m.text else {})
+        if len(self.tokenizer) > self.lm.config.vocab_size:  # a pretrained LM: rows for them
+            self.lm.resize_token_embeddings(len(self.tokenizer))
         grid = self.vision.image_size // self.vision.patch_size
         p = t.projector
         factor = p.pixel_shuffle or choose_shuffle(grid, p.image_tokens)
