@@ -220,7 +220,7 @@ def test_vlm_tokenizer_has_qwen_specials_and_a_chat_template(tokenizer):
         tokenize=False,
     )
     assert text == (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|im_start|>user\n"
         "<|vision_start|><|image_pad|><|vision_end|>Hi?<|im_end|>\n"
         "<|im_start|>assistant\nred<|im_end|>\n"
     )
@@ -281,17 +281,18 @@ def test_ids_equal_the_chat_template(tokenizer, name, system):
 
 
 def test_no_system_prompt_leaves_the_system_turn_out(tokenizer):
-    """system_prompt=None passes no system message: this tokenizer's template writes its default
-    one (as Qwen2.5's does), and ChatML (a tokenizer without a template) none."""
+    """system_prompt=None passes no system message: this tokenizer's template then writes no
+    system turn (unlike Qwen2-VL's, which writes a default one), nor does ChatML (a tokenizer
+    without a template)."""
     texts, n = CONVERSATIONS["multiturn"]
     with_system = ChatProcessor(tokenizer, IMAGE_TOKENS).encode(texts, n)
-    default = ChatProcessor(tokenizer, IMAGE_TOKENS, system_prompt=None).encode(texts, n)
-    assert default == with_system
+    without = ChatProcessor(tokenizer, IMAGE_TOKENS, system_prompt=None).encode(texts, n)
     source, tokenizer.chat_template = tokenizer.chat_template, None
     try:
-        without = ChatProcessor(tokenizer, IMAGE_TOKENS, system_prompt=None).encode(texts, n)
+        chatml = ChatProcessor(tokenizer, IMAGE_TOKENS, system_prompt=None).encode(texts, n)
     finally:
         tokenizer.chat_template = source
+    assert chatml == without
     system_ids = tokenizer(
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", add_special_tokens=False
     )["input_ids"]
