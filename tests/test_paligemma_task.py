@@ -292,3 +292,21 @@ def test_export_loads_in_transformers_and_generates_like_vlscale(vqa, tok_dir, s
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert task.generate(ours, 5)[0] in done.stdout
+
+
+def test_shards_paligemma_tokenizer_command(vqa, tmp_path):
+    from transformers import AutoTokenizer
+
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "shards", "paligemma-tokenizer",
+         str(vqa / "tokenizer"), str(tmp_path / "tok")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    source = AutoTokenizer.from_pretrained(str(vqa / "tokenizer"))
+    assert tok.convert_tokens_to_ids("<image>") >= len(source)  # added after its vocabulary
+    assert tok.encode("<loc0007>", add_special_tokens=False) == [
+        tok.convert_tokens_to_ids("<loc0007>")
+    ]
+    assert tok.bos_token and tok.eos_token and tok.pad_token
