@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .decoder import Decoder, DecoderConfig
+from .decoder import Decoder, DecoderConfig, _default_positions
 from .registry import register
 from .vision import SiglipVision, _args_from
 
@@ -243,11 +243,8 @@ def positions(
 ) -> torch.Tensor:
     """PaliGemma's positions: real tokens counted from 1 (transformers: cumsum of the attention
     mask, +1 on its 0-based count); per sample in a packed row."""
-    if segment_ids is not None:
-        idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(segment_ids)
-        starts = torch.ones_like(segment_ids, dtype=torch.bool)
-        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-        return idx - torch.where(starts, idx, 0).cummax(dim=1).values + 1
+    if segment_ids is not None:  # the decoder's per-segment count, from 1
+        return _default_positions(input_ids.shape[1], 0, input_ids.device, segment_ids, None) + 1
     if attention_mask is None:
         return torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)[None]
     return attention_mask.long().cumsum(-1).clamp(min=1)

@@ -9,6 +9,7 @@ from ..config import Config, ConfigError
 from ..data.mixture import mixture_urls
 from ..data.preprocess import collate as default_collate
 from ..data.stream import ShardStream
+from ..flops import TowerCost
 from ..models import hub
 
 
@@ -93,3 +94,18 @@ def val_mixture(cfg: Config, subsets: list[str] | None = None) -> dict | None:
             "data.mixture or the evaluator's subsets option"
         )
     return dict.fromkeys(chosen)
+
+
+def vision_lm_costs(vision, projector, lm) -> dict[str, TowerCost]:
+    """The FLOP costs of a vision tower -> projector -> decoder LM (the VLM and PaliGemma kinds):
+    its LM head counted on its own, as the tasks apply it only where a target is supervised."""
+    v = TowerCost.of(vision, len(vision.blocks), vision.hidden_size)
+    p = TowerCost.of(projector, 0, 0, grad_upstream=v.grad_flows)
+    c = lm.config
+    return {
+        "vision": v,
+        "projector": p,
+        "lm": TowerCost.of(lm, c.num_layers, c.num_heads * c.head_dim,
+                           grad_upstream=p.grad_flows, exclude=(lm.lm_head,)),
+        "lm_head": TowerCost.of(lm.lm_head, 0, 0, grad_upstream=True),
+    }  # fmt: skip

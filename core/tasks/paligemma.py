@@ -40,7 +40,7 @@ from ..models.decoder import Decoder
 from ..models.paligemma import PaliGemma
 from ..models.vision import SiglipVision
 from .base import Generative, Task, TaskOutput, register_task
-from .common import build_tokenizer, load_tower, make_stream, val_mixture
+from .common import build_tokenizer, load_tower, make_stream, val_mixture, vision_lm_costs
 from .vlm import decode_until
 
 
@@ -135,17 +135,7 @@ class PaliGemmaTask(Task, Generative):
         return {"model.vision": self.model.vision.num_tokens, "model.lm": self.cfg.data.max_seq_len}
 
     def tower_costs(self) -> dict[str, TowerCost]:
-        vision, lm = self.model.vision, self.model.lm
-        v = TowerCost.of(vision, len(vision.blocks), vision.hidden_size)
-        p = TowerCost.of(self.model.projector, 0, 0, grad_upstream=v.grad_flows)
-        c = lm.config
-        return {
-            "vision": v,
-            "projector": p,
-            "lm": TowerCost.of(lm, c.num_layers, c.num_heads * c.head_dim,
-                               grad_upstream=p.grad_flows, exclude=(lm.lm_head,)),
-            "lm_head": TowerCost.of(lm.lm_head, 0, 0, grad_upstream=True),
-        }  # fmt: skip
+        return vision_lm_costs(self.model.vision, self.model.projector, self.model.lm)
 
     def flops(self, batch: dict) -> float:
         c, n = self.costs, self.model.vision.num_tokens

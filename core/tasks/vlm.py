@@ -35,7 +35,7 @@ from ..lora import LoraConfig, add_lora, has_lora, merge_lora_state, write_peft_
 from ..models.generation import generate
 from ..models.vlm import Projector, choose_shuffle, splice_images
 from .base import Generative, Task, TaskOutput, register_task
-from .common import build_tokenizer, load_tower, make_stream, val_mixture
+from .common import build_tokenizer, load_tower, make_stream, val_mixture, vision_lm_costs
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +141,7 @@ class VLMTask(Task, Generative):
         return {"vision": self.vision.num_tokens, "lm": self.cfg.data.max_seq_len}
 
     def tower_costs(self) -> dict[str, TowerCost]:
-        vision = TowerCost.of(self.vision, len(self.vision.blocks), self.vision.hidden_size)
-        projector = TowerCost.of(self.projector, 0, 0, grad_upstream=vision.grad_flows)
-        lm = self.lm.config
-        return {
-            "vision": vision,
-            "projector": projector,
-            "lm": TowerCost.of(self.lm, lm.num_layers, lm.num_heads * lm.head_dim,
-                               grad_upstream=projector.grad_flows, exclude=(self.lm.lm_head,)),
-            # applied only where a target is supervised (see forward)
-            "lm_head": TowerCost.of(self.lm.lm_head, 0, 0, grad_upstream=True),
-        }  # fmt: skip
+        return vision_lm_costs(self.vision, self.projector, self.lm)
 
     def flops(self, batch: dict) -> float:
         c = self.costs
