@@ -663,3 +663,18 @@ def test_cpu_offload_trains_like_ddp(shapes, tmp_path, straight, kind, offload):
     assert run_cli(args, nproc=2).wait(timeout=600) == 0
     ref = losses(straight / "ddp")[:3]  # warmup steps: the same lr whatever the run length
     assert losses(run) == pytest.approx(ref, rel=1e-4)
+
+
+def test_zero3_partition_padding_is_not_read_as_parameter_values():
+    """ZeRO-3 rounds partitions up; the padding of the last ones is never written (with
+    offload_param it once read as NaN and failed the finite check of a healthy run)."""
+    from core.engines.zero import _owned
+
+    p = torch.nn.Parameter(torch.zeros(5))
+    p.ds_numel = 5
+    p.ds_tensor = torch.tensor([1.0, 2.0, 3.0])  # rank 0 of 2: elements 0..2
+    assert torch.equal(_owned(p, 0), torch.tensor([1.0, 2.0, 3.0]))
+    p.ds_tensor = torch.tensor([4.0, 5.0, float("nan")])  # rank 1: elements 3, 4 + padding
+    assert torch.equal(_owned(p, 1), torch.tensor([4.0, 5.0]))
+    plain = torch.nn.Parameter(torch.ones(2))
+    assert _owned(plain, 1) is plain

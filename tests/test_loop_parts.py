@@ -97,6 +97,11 @@ class _Linear(torch.nn.Module):
 
 
 def _grad_sync_worker(rank: int, port: int, out):
+    import faulthandler
+
+    # A rank still running after 240 s prints where it is (it hung twice in 100+ runs, once with
+    # no output) before the test gives up at 300 s.
+    faulthandler.dump_traceback_later(240, exit=True)
     try:
         _grad_sync(rank, port, out)
     except BaseException as err:  # the test reports it rather than waiting for a result
@@ -127,10 +132,24 @@ def _grad_sync(rank: int, port: int, out):
     dist.destroy_process_group()
 
 
+def free_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999). A port the OS hands out for
+    bind(0) is an ephemeral one, and a rank's client socket may then be given that same port as
+    its own local port before rank 0 listens on it: the connect reaches itself (TCP
+    self-connect) and the rendezvous waits forever (seen: both ranks alive, no result in 300 s)."""
+    for offset in range(200):
+        port = 28000 + (os.getpid() + offset) % 1000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port in 28000-28999")
+
+
 def test_inner_micro_steps_do_not_sync_gradients():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_grad_sync_worker, args=(r, port, out)) for r in range(2)]

@@ -329,8 +329,7 @@ class DeepSpeedEngine(Engine):
     def parameters_finite(self) -> bool:
         local = True
         for p in self.task.parameters():
-            t = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
-            local = local and bool(torch.isfinite(t).all())
+            local = local and bool(torch.isfinite(_owned(p, self.dist.rank)).all())
         return all_true(local, self.dist.device)
 
     # ---------------------------------------------------------------- formats (no instance)
@@ -390,6 +389,18 @@ class Zero3Engine(DeepSpeedEngine):
         if offload != "none":
             out["optimizer"] = 0
         return {k: int(v) for k, v in out.items()}
+
+
+def _owned(param: torch.nn.Parameter, rank: int) -> torch.Tensor:
+    """The values of `param` this rank holds: under ZeRO-3 its partition without the padding
+    that rounds the last partitions up (never written: uninitialised memory, which with
+    offload_param once read as NaN), else the parameter itself."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param
+    size = part.numel()
+    valid = min(max(param.ds_numel - rank * size, 0), size)
+    return part.reshape(-1)[:valid]
 
 
 def set_fp32_masters(initial: list[tuple[torch.nn.Parameter, torch.Tensor]], rank) -> None:
