@@ -501,10 +501,8 @@ class Decoder(nn.Module):
 
     @classmethod
     def hf_state_dict_from(cls, state: dict[str, torch.Tensor], cfg: dict) -> dict:
-        """Checkpoint tensors under our keys: PaliGemma's language model only (transformers 5 and
-        older key layouts), without the rotary tables some old checkpoints saved."""
-        if cfg["model_type"] == "paligemma":
-            state = _paligemma_text_state(state)
+        """Checkpoint tensors under our keys: without the rotary tables some old checkpoints
+        saved (a PaliGemma checkpoint's decoder: core/models/paligemma.py maps its keys)."""
         return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -607,34 +605,3 @@ def _default_positions(
     if attention_mask is not None:  # padding: real tokens are numbered 0.. (as HF generate)
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
     return torch.arange(past, past + T, device=device)[None]
-
-
-# PaliGemma key prefixes -> ours: transformers' current module layout (`model.language_model.`,
-# `lm_head.` unchanged) and the on-disk layout of hub checkpoints such as
-# google/paligemma-3b-pt-224 and of transformers' save_pretrained (`language_model.model.`,
-# `language_model.lm_head.`); `language_model.` alone is a saved PaliGemmaModel.
-_PALIGEMMA_TEXT_PREFIXES = (
-    ("model.language_model.", "model."),
-    ("language_model.model.", "model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("language_model.", "model."),
-)
-_PALIGEMMA_OTHER_PREFIXES = (
-    "vision_tower.",
-    "multi_modal_projector.",
-    "model.vision_tower.",
-    "model.multi_modal_projector.",
-)
-
-
-def _paligemma_text_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, tensor in state.items():
-        if key.startswith(_PALIGEMMA_OTHER_PREFIXES):
-            continue
-        for old, new in _PALIGEMMA_TEXT_PREFIXES:
-            if key.startswith(old):
-                key = new + key[len(old) :]
-                break
-        out[key] = tensor  # unknown keys stay, so loading names them as unexpected
-    return out
