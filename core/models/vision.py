@@ -283,6 +283,17 @@ class VisionTower(nn.Module):
             **asdict(self.args),
         }
 
+    def set_image_size(self, image_size: int) -> None:
+        """Resample the position table to `image_size` for good (e.g. fine-tuning at a new
+        resolution): later forwards and saved checkpoints use the new size natively. For towers
+        whose embeddings have a `position_embedding` table and `positions(grid)` (SigLIP, CLIP);
+        ViT and SigLIP 2 override it."""
+        side = image_size // self.patch_size
+        with torch.no_grad():
+            table = self.embeddings.positions((side, side)).detach().clone()
+        self.embeddings.position_embedding = nn.Embedding.from_pretrained(table, freeze=False)
+        self.args.image_size = self.image_size = image_size
+
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.state_dict())
 
@@ -671,15 +682,6 @@ class SiglipVision(VisionTower):
             k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix) or not full
         }
 
-    def set_image_size(self, image_size: int) -> None:
-        """Resample the position table to `image_size` for good (e.g. fine-tuning at a new
-        resolution): later forwards and saved checkpoints use the new size natively."""
-        side = image_size // self.patch_size
-        with torch.no_grad():
-            table = self.embeddings.positions((side, side)).detach().clone()
-        self.embeddings.position_embedding = nn.Embedding.from_pretrained(table, freeze=False)
-        self.args.image_size = self.image_size = image_size
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, (H/p)*(W/p), D]"""
         return self.post_layernorm(self.encoder(self.embeddings(pixel_values)))
@@ -774,15 +776,6 @@ class CLIPVision(VisionTower):
         if any(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         return {k: v for k, v in state.items() if not k.endswith("position_ids")}
-
-    def set_image_size(self, image_size: int) -> None:
-        """Resample the position table to `image_size` for good (e.g. fine-tuning at a new
-        resolution): later forwards and saved checkpoints use the new size natively."""
-        side = image_size // self.patch_size
-        with torch.no_grad():
-            table = self.embeddings.positions((side, side)).detach().clone()
-        self.embeddings.position_embedding = nn.Embedding.from_pretrained(table, freeze=False)
-        self.args.image_size = self.image_size = image_size
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.pre_layrnorm(self.embeddings(pixel_values))
