@@ -1,4 +1,5 @@
-"""SigLIP pairwise sigmoid loss, with the global batch spread over a ring of ranks.
+"""SigLIP pairwise sigmoid loss, with the global batch spread over a ring of ranks; and the
+pairwise preference losses of DPO and its variants (`dpo_loss`, at the end).
 
 Every rank keeps its own image features and passes text features around the ring, so it scores its
 b_local images against all W * b_local texts one b_local x b_local block at a time. Nothing that
@@ -11,6 +12,8 @@ visiting text block for backward: its memory grows with W).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -172,3 +175,88 @@ def sigmoid_loss(
     # rank's own features collect the gradient of every L_r (W times that loss's gradient), and
     # DDP's 1/W average of parameter gradients then gives exactly that loss's gradient.
     return loss / b_local
+
+
+# ------------------------------------------------------------------ preference (DPO) losses
+DPO_KINDS = ("sigmoid", "robust", "hinge", "ipo")
+_SMOOTHED_KINDS = ("sigmoid", "robust")  # the kinds label_smoothing applies to
+
+
+class DPOLoss(NamedTuple):
+    """Per-example losses [B] and the implicit rewards beta * (policy - reference) log-prob of
+    the chosen and rejected responses [B] (detached: for logging and reward accuracy)."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    kind: str,
+    label_smoothing: float = 0.0,
+) -> DPOLoss:
+    """Pairwise preference loss of each example, as TRL's DPOTrainer defines it.
+
+    Inputs are [B] log-probabilities of the chosen and rejected responses (completion tokens
+    only) under the policy and the frozen reference. With the log-ratio margin
+    z = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected) and ls = log sigmoid:
+
+    - "sigmoid" (DPO, Rafailov et al. 2023), with label_smoothing eps the conservative DPO of
+      the cDPO note: -(1 - eps) ls(beta z) - eps ls(-beta z), the cross-entropy against the
+      soft label 1 - eps (TRL <= 0.28; TRL >= 0.29 dropped eps from "sigmoid": the same at 0).
+    - "robust" (Chowdhury et al. 2024, labels flipped with probability eps):
+      (-(1 - eps) ls(beta z) + eps ls(-beta z)) / (1 - 2 eps), an unbiased estimate of the
+      clean-label sigmoid loss: (1 - eps) L(z) + eps L(-z) = -ls(beta z).
+    - "hinge" (SLiC, Zhao et al. 2023): relu(1 - beta z); 1 / beta is the margin.
+    - "ipo" (Azar et al. 2023, eq. 17, tau = beta): (z - 1 / (2 beta))^2.
+
+    Normalisation the caller supplies: "sigmoid", "robust" and "hinge" take sequence log-probs
+    summed over the completion's tokens; "ipo" takes them averaged over the completion's tokens
+    (sum / number of completion tokens, chosen and rejected each by their own length), as TRL
+    does for IPO (the squared loss would otherwise grow with length; confirmed with the IPO
+    authors, per TRL's comment). The rewards are then of whatever was supplied.
+
+    label_smoothing must be in [0, 0.5) (at 0.5 the label says nothing and "robust" divides by
+    zero); it applies to "sigmoid" and "robust" only: a non-zero value with "hinge" or "ipo" is an
+    error here (TRL warns and ignores it). The reference log-probs are detached: the reference
+    is a constant of the objective even when it shares weights with the policy (LoRA with the
+    adapters off). Computed in fp32 at least (fp64 stays fp64).
+    """
+    if kind not in DPO_KINDS:
+        raise ValueError(f"unknown DPO loss kind {kind!r}; the kinds are {', '.join(DPO_KINDS)}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), not {label_smoothing}")
+    if label_smoothing and kind not in _SMOOTHED_KINDS:
+        raise ValueError(
+            f"label_smoothing applies to {' and '.join(_SMOOTHED_KINDS)} only, not {kind!r}"
+        )
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, not {beta}")
+    inputs = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if len({tuple(t.shape) for t in inputs}) != 1 or policy_chosen_logps.dim() != 1:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise ValueError(f"the four log-prob tensors must all be [B], not {shapes}")
+    # Sequence log-probs are sums of hundreds of terms whose difference is what matters: in
+    # bf16 the margin would be mostly rounding.
+    dtype = torch.promote_types(policy_chosen_logps.dtype, torch.float32)
+    pc, pr = policy_chosen_logps.to(dtype), policy_rejected_logps.to(dtype)
+    rc, rr = ref_chosen_logps.detach().to(dtype), ref_rejected_logps.detach().to(dtype)
+    chosen_logratios, rejected_logratios = pc - rc, pr - rr
+    z = chosen_logratios - rejected_logratios
+    eps = label_smoothing
+    if kind == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
+    elif kind == "robust":
+        clean, flipped = F.logsigmoid(beta * z), F.logsigmoid(-beta * z)
+        losses = (-(1 - eps) * clean + eps * flipped) / (1 - 2 * eps)
+    elif kind == "hinge":
+        losses = torch.relu(1 - beta * z)
+    else:  # ipo
+        losses = (z - 1 / (2 * beta)) ** 2
+    return DPOLoss(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
