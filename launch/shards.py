@@ -1,8 +1,11 @@
-"""`vlscale shards synthetic|cc3m|synthetic-vqa|finevision|index|paligemma-tokenizer`: write or
-fetch training data.
+"""`vlscale shards synthetic|cc3m|synthetic-vqa|synthetic-cot|finevision|rlaif-v|llava-cot|index|
+paligemma-tokenizer`: write or fetch training data.
 
-synthetic / cc3m / finevision write webdataset shards (+ sizes.json); synthetic-vqa writes
+synthetic / cc3m / finevision write webdataset shards (+ sizes.json); rlaif-v (preference pairs,
+for DPO) and llava-cot (chain-of-thought, for CoT SFT) convert local copies of those datasets
+(core/data/preference_sources.py: the layouts and the shard schema); synthetic-vqa writes
 FineVision-format parquet (+ a tokenizer) that `finevision --source DIR` converts to shards;
+synthetic-cot writes shapes chains of thought in LLaVA-CoT-100k's layout that `llava-cot` converts;
 index writes the sizes.json of shards written elsewhere (img2dataset, pixparse) from their
 `*_stats.json` / `_info.json`, without reading the tars.
 """
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 from core.data.finevision import FINEVISION_REPO, RATINGS, convert_finevision
+from core.data.preference_sources import TAGS, convert_llava_cot, convert_rlaif_v
 from core.data.shards import (
     CC3M_REPO,
     fetch_cc3m,
@@ -24,7 +28,12 @@ from core.data.shards import (
     read_sizes,
     write_sizes,
 )
-from core.data.synthetic import VQA_SUBSETS, write_finevision_parquet, write_synthetic_shards
+from core.data.synthetic import (
+    VQA_SUBSETS,
+    write_finevision_parquet,
+    write_llava_cot_jsonl,
+    write_synthetic_shards,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +94,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vqa.add_argument("--val", type=int, required=True, help="validation rows per subset")
     vqa.add_argument("--seed", type=int, default=0)
     vqa.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    cot = sub.add_parser(
+        "synthetic-cot",
+        help="seeded shapes chains of thought in LLaVA-CoT-100k's layout (jsonl + images)",
+        description="Write OUT/train.jsonl (LLaVA-CoT-100k's rows: a question and a "
+        "<SUMMARY><CAPTION><REASONING><CONCLUSION> answer per image) and OUT/images/; convert "
+        "them with `vlscale shards llava-cot --source OUT/train.jsonl --images OUT --out DIR`.",
+    )
+    cot.add_argument("--out", type=Path, required=True)
+    cot.add_argument("--rows", type=int, required=True, help="rows (one image and question each)")
+    cot.add_argument("--seed", type=int, default=0)
+    cot.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     finevision = sub.add_parser(
         "finevision",
         help="convert FineVision subsets (hub or local parquet) to webdataset shards",
@@ -135,6 +155,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="processes converting rows (output identical for any number; %(default)s)",
     )
+    rlaif_v = sub.add_parser(
+        "rlaif-v",
+        help="convert RLAIF-V preference pairs (local parquet) to webdataset shards",
+        description="Read openbmb/RLAIF-V-Dataset parquet files (or HuggingFaceH4/rlaif-v_"
+        "formatted's) and write OUT/{train,val}-NNNNNN.tar of {image, prompt, chosen, rejected} "
+        "samples and sizes.json. Val is held out by a hash of each sample's image, so all pairs "
+        "about one image land on the same side. Unusable rows are skipped and counted by reason.",
+    )
+    rlaif_v.add_argument(
+        "--source", nargs="+", required=True, metavar="PATH",
+        help="parquet files, or directories searched for them",
+    )  # fmt: skip
+    llava_cot = sub.add_parser(
+        "llava-cot",
+        help="convert LLaVA-CoT-100k (or R1-format) chain-of-thought rows to webdataset shards",
+        description="Read Xkev/LLaVA-CoT-100k's train.jsonl (or .json / .parquet rows, e.g. "
+        "di-zhang-fdu/llava-cot-100k-r1-format's) with images under --images, and write "
+        "OUT/{train,val}-NNNNNN.tar of {image, question, reasoning, answer} samples, one per "
+        "question-answer turn, and sizes.json. Answers whose tags do not parse are skipped and "
+        "counted (bad_tags), as is every other unusable row or turn, by reason.",
+    )
+    llava_cot.add_argument(
+        "--source", nargs="+", required=True, metavar="PATH",
+        help=".jsonl / .json / .parquet files, or directories searched for them",
+    )  # fmt: skip
+    llava_cot.add_argument(
+        "--images", type=Path, required=True, help="the directory the rows' image paths are in"
+    )
+    llava_cot.add_argument(
+        "--tags",
+        choices=[t.replace("_", "-") for t in TAGS],
+        default="llava-cot",
+        help="answer format: <SUMMARY>..<CONCLUSION> (llava-cot) or <think>..<answer> (r1)",
+    )
+    for preference_or_cot in (rlaif_v, llava_cot):
+        preference_or_cot.add_argument("--out", type=Path, required=True)
+        preference_or_cot.add_argument(
+            "--val-fraction",
+            type=float,
+            default=0.01,
+            help="fraction of the images whose samples are held out for val (%(default)s)",
+        )
+        preference_or_cot.add_argument(
+            "--shard-size", type=int, default=1000, help="samples per shard"
+        )
+        preference_or_cot.add_argument(
+            "--max-samples", type=int, default=None, help="rows read (default: all)"
+        )
     paligemma = sub.add_parser(
         "paligemma-tokenizer",
         help="a tokenizer plus PaliGemma's <image>, <loc####> and <seg###> tokens",
@@ -164,8 +232,15 @@ def main(args: argparse.Namespace) -> int:
             f"{args.out} ({seconds:.1f} s)"
         )
         return 0
+    if args.source_kind == "synthetic-cot":
+        path = write_llava_cot_jsonl(args.out, args.rows, args.seed, image_size=args.image_size)
+        seconds = time.perf_counter() - start
+        print(f"{args.rows} rows at {path} (images in {args.out / 'images'}; {seconds:.1f} s)")
+        return 0
     if args.source_kind == "finevision":
         return _finevision(args, start)
+    if args.source_kind in ("rlaif-v", "llava-cot"):
+        return _preference_or_cot(args, start)
     if args.source_kind == "paligemma-tokenizer":
         from core.data.prefix_lm import paligemma_tokenizer
 
@@ -223,6 +298,32 @@ def _finevision(args: argparse.Namespace, start: float) -> int:
         + (f"; no train samples in: {', '.join(empty)}" if empty else "")
     )
     return 1 if empty else 0
+
+
+def _preference_or_cot(args: argparse.Namespace, start: float) -> int:
+    options = dict(
+        val_fraction=args.val_fraction, shard_size=args.shard_size, max_samples=args.max_samples
+    )
+    try:
+        if args.source_kind == "rlaif-v":
+            result = convert_rlaif_v(args.source, args.out, **options)
+            read = f"{result['rows']} rows"
+        else:
+            tags = args.tags.replace("-", "_")
+            result = convert_llava_cot(args.source, args.images, args.out, tags=tags, **options)
+            read = f"{result['rows']} rows, {result['turns']} turns"
+    except (FileNotFoundError, ValueError) as err:  # bad source or sizes: one line
+        print(f"vlscale shards {args.source_kind}: error: {err}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    skipped = result["skipped"]
+    reasons = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
+    summary = f"; skipped {sum(skipped.values())} ({reasons})" if skipped else ""
+    print(
+        f"{result['train']} train, {result['val']} val samples from {read} at {args.out} "
+        f"({seconds:.1f} s){summary}"
+    )
+    return 0 if result["train"] else 1
 
 
 def _index(args: argparse.Namespace, start: float) -> int:

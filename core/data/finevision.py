@@ -204,7 +204,7 @@ def _convert_subset(
     out.mkdir(parents=True, exist_ok=True)
     skipped: Counter = Counter()
     stem = subset.replace(".", "_")  # a dot would end the webdataset key
-    writers = {split: _SplitWriter(out, stem, split, shard_size) for split in ("val", "train")}
+    writers = {split: SplitWriter(out, stem, split, shard_size) for split in ("val", "train")}
     train = _samples(train_rows, subset, "train", skipped, convert)
     try:
         if val_rows is None:  # FineVision: val is drawn from train by content (module docstring)
@@ -220,17 +220,7 @@ def _convert_subset(
     finally:
         for writer in writers.values():
             writer.abort()  # what an error left unfinished
-    for path in out.glob("*.tar"):  # shards of an earlier, larger conversion
-        if SHARD_PATTERN.match(path.name) and path.name not in sizes:
-            path.unlink()
-    write_sizes(out, sizes, merge=False)
-    counts = {
-        split: sum(n for name, n in sizes.items() if name.startswith(split))
-        for split in ("train", "val")
-    }
-    if skipped:
-        summary = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
-        log.warning("%s: skipped %d rows (%s)", subset, sum(skipped.values()), summary)
+    counts = finish_conversion(out, sizes, skipped, subset)
     if not counts["train"]:
         log.warning("%s: no train samples were written", subset)
     return {**counts, "skipped": dict(sorted(skipped.items()))}
@@ -370,7 +360,7 @@ def _is_plain(value) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
-class _SplitWriter:
+class SplitWriter:
     """`out/{split}-%06d.tar` of at most shard_size samples each, keyed stem-split-row; each
     tar is written as write_tar writes it (atomically, the same bytes for the same samples)."""
 
@@ -400,3 +390,18 @@ class _SplitWriter:
         if self._tar is not None:
             self._tar.abort()
             self._tar = None
+
+
+def finish_conversion(out: Path, sizes: dict[str, int], skipped, name: str) -> dict[str, int]:
+    """After a conversion wrote `sizes` ({shard: samples}) into `out`: remove the shards of an
+    earlier, larger conversion, write sizes.json, log what was skipped (by reason) and return
+    the samples per split."""
+    for path in out.glob("*.tar"):
+        if SHARD_PATTERN.match(path.name) and path.name not in sizes:
+            path.unlink()
+    write_sizes(out, sizes, merge=False)
+    if skipped:
+        summary = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
+        log.warning("%s: skipped %d (%s)", name, sum(skipped.values()), summary)
+    return {split: sum(n for shard, n in sizes.items() if shard.startswith(split))
+            for split in ("train", "val")}  # fmt: skip

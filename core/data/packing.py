@@ -12,6 +12,10 @@ import torch
 
 IGNORE = -100
 ROW_MULTIPLE = 16  # rows are trimmed to the longest one, rounded up to this (kernel friendly)
+# Per-token fields some samples carry besides ids and labels, packed the same way: {name: the
+# value of padding}. Prefix-LM samples' mask_ar (core/data/prefix_lm.py: 0 prefix, 1 causal),
+# chain-of-thought samples' label_kinds (core/data/cot.py: -1 unsupervised, 0 reasoning, 1 answer).
+TOKEN_FIELDS = {"mask_ar": 1, "label_kinds": -1}
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -36,7 +40,8 @@ class PackedCollate:
     """Samples {"input_ids", "labels" [T], "pixel_values" [n, 3, S, S]} -> one packed batch:
     input_ids / labels / segment_ids [R, L] (segment -1 = padding), pixel_values [N, 3, S, S] in
     the order their image tokens appear (row-major), and host-side counts for the loop:
-    `supervised_tokens` (next-token targets the loss sums over), `num_samples`, `real_tokens`."""
+    `supervised_tokens` (next-token targets the loss sums over), `num_samples`, `real_tokens`.
+    The TOKEN_FIELDS the samples carry are packed alongside, [R, L] each."""
 
     def __init__(self, max_seq_len: int, pad_id: int, image_token_id: int, tokens_per_image: int):
         self.max_seq_len = max_seq_len
@@ -52,10 +57,11 @@ class PackedCollate:
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         segment_ids = torch.full((len(rows), width), -1, dtype=torch.long)
-        # prefix-LM samples (core/data/prefix_lm.py) carry mask_ar: 0 prefix, 1 causal
-        mask_ar = (
-            torch.ones((len(rows), width), dtype=torch.long) if "mask_ar" in samples[0] else None
-        )
+        extra = {
+            name: torch.full((len(rows), width), pad, dtype=torch.long)
+            for name, pad in TOKEN_FIELDS.items()
+            if name in samples[0]
+        }
         images = []
         for r, row in enumerate(rows):
             start = 0
@@ -64,8 +70,8 @@ class PackedCollate:
                 input_ids[r, start:end] = samples[i]["input_ids"]
                 labels[r, start:end] = samples[i]["labels"]
                 segment_ids[r, start:end] = seg
-                if mask_ar is not None:
-                    mask_ar[r, start:end] = samples[i]["mask_ar"]
+                for name, packed in extra.items():
+                    packed[r, start:end] = samples[i][name]
                 images.append(samples[i]["pixel_values"])
                 start = end
         pixel_values = torch.cat(images) if images else torch.empty(0)
@@ -79,9 +85,7 @@ class PackedCollate:
             "real_tokens": sum(lengths),
             "supervised_tokens": int(supervised_targets(labels, segment_ids).sum()),
         }
-        if mask_ar is not None:
-            batch["mask_ar"] = mask_ar
-        return batch
+        return {**batch, **extra}
 
 
 def supervised_targets(labels: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:

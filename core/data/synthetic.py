@@ -10,6 +10,8 @@ position must all be bound) and 512 validation captions are almost all distinct.
 `write_finevision_parquet` writes the same scenes as FineVision-format parquet (one directory
 per subset: colour, shape, count and position questions, captions, multi-turn, text-only and
 two-image conversations) plus a tokenizer with Qwen2.5's chat specials, for the staged VLM.
+`write_llava_cot_jsonl` writes scenes' chains of thought in LLaVA-CoT-100k's layout (jsonl +
+images), which `vlscale shards llava-cot` converts to CoT shards as it does the real dataset.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -120,6 +123,41 @@ def caption(attributes: dict) -> str:
     return f"{listed} on a {attributes['background']} background"
 
 
+def _alternatives(names) -> str:
+    # longest first, so that "top left" is tried before "top"
+    return "|".join(sorted(map(re.escape, names), key=len, reverse=True))
+
+
+_SHAPE_PHRASE = re.compile(
+    rf"a (?P<size>{_alternatives(SIZES)}) (?P<colour>{_alternatives(COLOURS)}) "
+    rf"(?P<shape>{_alternatives(SHAPES)}) at the (?P<position>{_alternatives(POSITIONS)})"
+)
+_CAPTION = re.compile(
+    rf"(?P<listed>.+) on a (?P<background>{_alternatives(BACKGROUNDS)}) background"
+)
+
+
+def parse_caption(text: str) -> dict | None:
+    """The inverse of `caption`: {"shapes": [{size, colour, shape, position}] in the caption's
+    order, "background", "count"} (no jitter: a caption does not say it), or None when the text
+    is not a caption of this form (how a generated caption is scored attribute by attribute).
+    Case and whitespace are not significant."""
+    match = _CAPTION.fullmatch(" ".join(text.lower().split()))
+    if match is None:
+        return None
+    *first, last = match["listed"].split(" and ")
+    if len(first) > 1:  # "and" joins only the last two: "x, y and z"
+        return None
+    parts = first[0].split(", ") + [last] if first else [last]
+    shapes = []
+    for part in parts:
+        phrase = _SHAPE_PHRASE.fullmatch(part)
+        if phrase is None:
+            return None
+        shapes.append({k: phrase[k] for k in ("size", "colour", "shape", "position")})
+    return {"shapes": shapes, "background": match["background"], "count": len(shapes)}
+
+
 def questions(attributes: dict) -> list[dict]:
     """Question-answer pairs that the attributes answer unambiguously."""
     shapes = attributes["shapes"]
@@ -187,7 +225,8 @@ def class_problems(attributes: list[dict]) -> list[tuple[str, list[str], list[in
     return [
         ("colour", [f"a {c} shape" for c in colours],
          [single(a, "colour", colours) for a in attributes]),
-        ("shape", [f"a {s}" for s in SHAPES], [single(a, "shape", list(SHAPES)) for a in attributes]),
+        ("shape", [f"a {s}" for s in SHAPES],
+         [single(a, "shape", list(SHAPES)) for a in attributes]),
         ("background", [f"shapes on a {b} background" for b in backgrounds],
          [backgrounds.index(a["background"]) for a in attributes]),
     ]  # fmt: skip
@@ -420,3 +459,49 @@ def _write_parquet(dataset, path: Path) -> None:
         if not was_disabled:
             enable_progress_bars()
         tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ LLaVA-CoT-layout rows
+def llava_cot_answer(record: dict) -> str:
+    """A shapes record's chain of thought as LLaVA-CoT's tagged answer: SUMMARY (the plan),
+    CAPTION (the record's caption), REASONING and CONCLUSION (its "cot")."""
+    cot, colour = record["cot"], record["shapes"][0]["colour"]
+    summary = f"I will list every shape with its colour, then count the {colour} ones."
+    return (
+        f"<SUMMARY> {summary} </SUMMARY>\n\n"
+        f"<CAPTION> The image shows {record['caption']}. </CAPTION>\n\n"
+        f"<REASONING> {cot['reasoning']} </REASONING>\n\n"
+        f"<CONCLUSION> {cot['answer']} </CONCLUSION>"
+    )
+
+
+def write_llava_cot_jsonl(out_dir: str | Path, rows: int, seed: int, image_size: int = 64) -> Path:
+    """Write `rows` shapes scenes (split "cot": none of the shapes shards' scenes) in
+    Xkev/LLaVA-CoT-100k's layout: `out_dir/train.jsonl` rows {"id", "image" (a path relative to
+    out_dir), "conversations": [{"from": "human", "value": "<image>\\n" + question}, {"from":
+    "gpt", "value": llava_cot_answer}]} and the JPEGs under `out_dir/images/`, for `vlscale
+    shards llava-cot --source OUT/train.jsonl --images OUT` to convert as it converts the real
+    dataset. Returns the jsonl's path."""
+    if rows < 1:
+        raise ValueError("rows must be at least 1")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    path = out_dir / "train.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as lines:
+        for index in range(rows):
+            jpeg, record = make_sample(seed, "cot", index, image_size)
+            image = f"images/{index:09d}.jpg"
+            (out_dir / image).write_bytes(jpeg)
+            row = {
+                "id": f"shapes-{index:09d}",
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": "<image>\n" + record["cot"]["question"]},
+                    {"from": "gpt", "value": llava_cot_answer(record)},
+                ],
+            }
+            lines.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    log.info("wrote %s (%d rows) and their images", path, rows)
+    return path

@@ -6,6 +6,8 @@
         - retrieval                       # a name: default options
         - zeroshot: {classes: shapes}     # a name with options
         - vqa: {max_new_tokens: 6, every: 400}
+        - linear_probe                    # what the image tower's features know (shapes)
+        - cot: {max_new_tokens: 512}      # chain-of-thought format compliance and accuracy
 
 Each is one module with an `Evaluator` subclass (core/evaluators/base.py), registered here by
 name. Options are checked when the recipe loads: an unknown name or option names the valid ones.
@@ -17,9 +19,13 @@ import dataclasses
 
 from ..config import ConfigError, build_section
 from .base import EmbeddingEvaluator, EvalContext, Evaluator, Options, embed_val_split
+from .captioning import CaptioningEvaluator
+from .cot import CoTEvaluator
 from .generation import GenerationEvaluator
+from .linear_probe import LinearProbeEvaluator
 from .loss import LossEvaluator
 from .retrieval import RetrievalEvaluator
+from .scoring_classifier import ScoringClassifierEvaluator
 from .vqa import VQAEvaluator
 from .zeroshot import ZeroshotEvaluator
 from .zeroshot_classification import ZeroshotClassificationEvaluator
@@ -38,6 +44,9 @@ for _cls in (LossEvaluator, RetrievalEvaluator, ZeroshotEvaluator, VQAEvaluator,
     register_evaluator(_cls)
 for _cls in (ZeroshotClassificationEvaluator, ZeroshotRetrievalEvaluator):  # clip_benchmark's
     register_evaluator(_cls)
+for _cls in (LinearProbeEvaluator, CaptioningEvaluator, ScoringClassifierEvaluator):
+    register_evaluator(_cls)
+register_evaluator(CoTEvaluator)  # chain-of-thought format and answers (data.cot_format)
 
 
 def _entries(declared: list) -> list[tuple[str, dict]]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 from . import paligemma, siglip, vlm  # noqa: F401 - registers the built-in kinds
 from .base import (
     TASKS,
+    Captioner,
     Generative,
+    ImageEncoder,
     ImageTextEmbedder,
     Task,
     TaskOutput,
@@ -19,7 +21,9 @@ from .base import (
 
 __all__ = [
     "TASKS",
+    "Captioner",
     "Generative",
+    "ImageEncoder",
     "ImageTextEmbedder",
     "Task",
     "TaskOutput",

@@ -39,7 +39,8 @@ What the loop does with a task (core/loop.py), and so what each method must guar
    contract: `val_stream` for the loss, and the capability mixins below for the rest.
 
 Optional capabilities are declared by inheriting a mixin (never probed with hasattr):
-`ImageTextEmbedder` (retrieval, zero-shot), `Generative` (VQA, generation samples, `vlscale
+`ImageEncoder` (linear probes), `ImageTextEmbedder` (retrieval, zero-shot; an ImageEncoder),
+`Captioner` (captioning, scoring classifier), `Generative` (VQA, generation samples, `vlscale
 generate`). `export_hf` (`vlscale export`) has a default that writes nothing beyond the full
 state dict, which the command always writes; each directory it writes should load in transformers
 alone (core/export.py: tokenizer, image processor and generation config helpers). `model_card`
@@ -141,7 +142,22 @@ class Task(nn.Module, ABC):
         return {}
 
 
-class ImageTextEmbedder(ABC):
+class ImageEncoder(ABC):
+    """Capability: the image tower's own features (linear probes compare every kind's tower on
+    one scale)."""
+
+    @abstractmethod
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, d]: the image tower's output tokens mean-pooled (CLS excluded), before any
+        projection or normalisation: what the tower itself knows."""
+
+    @abstractmethod
+    def preprocess_image(self, data: bytes) -> torch.Tensor:
+        """An encoded image file (JPEG, PNG, WebP) -> its pixel_values [3, H, W], exactly as
+        validation images are (benchmark datasets outside the recipe's data)."""
+
+
+class ImageTextEmbedder(ImageEncoder):
     """Capability: L2-normalised image and text embeddings in one space (retrieval, zero-shot).
     `val_stream` batches carry pixel_values, input_ids, attention_mask, key and attributes."""
 
@@ -157,10 +173,21 @@ class ImageTextEmbedder(ABC):
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask of free texts (class prompts), exactly as captions are."""
 
+
+class Captioner(ABC):
+    """Capability: a text decoder conditioned on the image (captioning, the scoring classifier).
+    `val_stream` batches carry pixel_values, key, attributes (the sample's JSON metadata or
+    None) and caption (the reference text)."""
+
     @abstractmethod
-    def preprocess_image(self, data: bytes) -> torch.Tensor:
-        """An encoded image file (JPEG, PNG, WebP) -> its pixel_values [3, H, W], exactly as
-        validation images are (benchmark datasets outside the recipe's data)."""
+    def caption(self, pixel_values: torch.Tensor, max_new_tokens: int) -> list[str]:
+        """Greedy captions of the images, decoded (special tokens removed)."""
+
+    @abstractmethod
+    def score_texts(self, pixel_values: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """[n_images, n_texts] float: log p(text | image) of each text as a caption, summed
+        over its tokens (EOS included), as the decoder is trained (big_vision's scoring
+        classifier)."""
 
 
 class Generative(ABC):

@@ -39,7 +39,7 @@ from ..models import hub
 from ..models.decoder import Decoder
 from ..models.paligemma import PaliGemma
 from ..models.vision import SiglipVision
-from .base import Generative, Task, TaskOutput, register_task
+from .base import Generative, ImageEncoder, Task, TaskOutput, register_task
 from .common import build_tokenizer, load_tower, make_stream, val_mixture, vision_lm_costs
 from .vlm import decode_until
 
@@ -66,7 +66,7 @@ class PaliGemmaDataConfig(DataConfig):
 
 
 @register_task
-class PaliGemmaTask(Task, Generative):
+class PaliGemmaTask(Task, Generative, ImageEncoder):
     kind = "paligemma"
     Config = PaliGemmaTaskConfig
     DataConfig = PaliGemmaDataConfig
@@ -178,6 +178,14 @@ class PaliGemmaTask(Task, Generative):
             tokens=batch["supervised_tokens"],
             metrics={"packing_efficiency": batch["real_tokens"] / ids.numel()},
         )
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The SigLIP tower's output tokens mean-pooled, before the projector."""
+        hidden = self.model.vision(pixel_values)
+        return (hidden[:, 1:] if self.model.vision.has_cls_token else hidden).mean(dim=1)
+
+    def preprocess_image(self, data: bytes) -> torch.Tensor:
+        return self.loader(data)  # the validation images' (resized whole to S x S, no crop)
 
     # ------------------------------------------------------------------ data
     def packed_collate(self):

@@ -145,8 +145,15 @@ class SigLIPTask(Task, ImageTextEmbedder):
                 + c["text"].flops(int(lengths.sum()), int((lengths**2).sum()))
                 + c["heads"].flops(n, 0))  # fmt: skip
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.vision(pixel_values)
+        return (hidden[:, 1:] if self.vision.has_cls_token else hidden).mean(dim=1)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.embed_image(self.vision(pixel_values))
+
+    def embed_image(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The image tower's output tokens -> the normalised image embedding."""
         if self.image_pooling == "map":
             pooled = self.vision.pool(hidden)
         elif self.image_pooling == "cls":

@@ -5,6 +5,9 @@ LM too, fully or with LoRA adapters (peft). Samples are conversations rendered w
 tokenizer's chat template (core/data/chat_template.py) and packed into rows
 (core/data/packing.py); the loss is the mean over every supervised token of the global batch
 (the loop passes the global count in as `loss_denominator`), not a mean of micro-batch means.
+Stage 3 (chain-of-thought SFT) is stage `sft` with `data.cot_format` set: samples are CoT shards
+rendered as reasoning then answer (core/data/cot.py), and the reasoning and answer tokens' mean
+losses are logged apart.
 
 Every rank runs the same modules in the same order whatever its batch holds: a text-only batch
 sends one blank image through the vision tower and projector and adds 0 x its output to the loss.
@@ -28,13 +31,14 @@ from .. import models
 from ..config import Config, ConfigError, DataConfig, TaskConfig
 from ..consolidate import fit_state, run_state
 from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder, add_image_tokens
+from ..data.cot import ANSWER, REASONING, CoTEvalDecoder, CoTProcessor, CoTTrainDecoder
 from ..data.packing import PackedCollate, PromptCollate, supervised_targets
 from ..export import save_generation_config, save_image_processor, save_tokenizer
 from ..flops import TowerCost, segment_square_sum
 from ..lora import LoraConfig, add_lora, has_lora, merge_lora_state, write_peft_adapter
 from ..models.generation import generate
 from ..models.vlm import Projector, choose_shuffle, splice_images
-from .base import Generative, Task, TaskOutput, register_task
+from .base import Generative, ImageEncoder, Task, TaskOutput, register_task
 from .common import build_tokenizer, load_tower, make_stream, val_mixture, vision_lm_costs
 
 log = logging.getLogger(__name__)
@@ -78,10 +82,15 @@ class VLMDataConfig(DataConfig):
     # The chat template's arguments; Qwen3 without thinking: its prompt ends `<think>\n\n</think>`
     chat_template_kwargs: dict = field(default_factory=lambda: {"enable_thinking": False})
     max_images: int = 8  # per sample
+    # Chain-of-thought SFT (stage 3): "" reads FineVision conversations; think / llava_cot read
+    # CoT shards ({question, reasoning, answer} + image: `vlscale shards llava-cot`) and train
+    # the assistant turn `<think>reasoning</think> answer` / LLaVA-CoT's <SUMMARY><CAPTION>
+    # <REASONING><CONCLUSION> (core/data/cot.py). Qwen3 with think: enable_thinking true.
+    cot_format: Literal["", "think", "llava_cot"] = ""
 
 
 @register_task
-class VLMTask(Task, Generative):
+class VLMTask(Task, Generative, ImageEncoder):
     kind = "vlm"
     Config = VLMConfig
     DataConfig = VLMDataConfig
@@ -131,8 +140,18 @@ class VLMTask(Task, Generative):
             max_images=d.max_images,
             max_pixels=d.max_pixels,
         )
-        self.train_decoder = VLMTrainDecoder(self.processor, max_seq_len=d.max_seq_len, **common)
-        self.eval_decoder = VLMEvalDecoder(self.processor, **common)
+        if d.cot_format:
+            try:
+                cot = CoTProcessor(self.processor, d.cot_format)
+            except ValueError as err:
+                raise ConfigError(f"data.cot_format={d.cot_format}: {err}") from None
+            self.train_decoder = CoTTrainDecoder(cot, max_seq_len=d.max_seq_len, **common)
+            self.eval_decoder = CoTEvalDecoder(cot, **common)
+        else:
+            self.train_decoder = VLMTrainDecoder(
+                self.processor, max_seq_len=d.max_seq_len, **common
+            )
+            self.eval_decoder = VLMEvalDecoder(self.processor, **common)
 
     def blocks(self) -> dict[str, nn.ModuleList]:
         return {"vision": self.vision.blocks, "lm": self.lm.layers}
@@ -163,6 +182,13 @@ class VLMTask(Task, Generative):
         t = self.cfg.task
         if t.lm_tuning == "lora" and t.stage != "sft":
             raise ConfigError("task.lm_tuning=lora needs task.stage=sft (align trains no LM)")
+        for entry in self.cfg.eval.evaluators:  # resolved: [{name: {options}}]
+            options = entry.get("cot") if isinstance(entry, dict) else None
+            if options is not None and not (self.cfg.data.cot_format or options.get("format")):
+                raise ConfigError(
+                    "eval.evaluators: cot scores chains of thought; set data.cot_format (think | "
+                    "llava_cot) and point data.val at CoT shards"
+                )
 
     # ------------------------------------------------------------------ stages
     def load_previous_stage(self, run_dir: str) -> None:
@@ -190,6 +216,15 @@ class VLMTask(Task, Generative):
             features = features[:, 1:]
         return self.projector(features)
 
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's output tokens mean-pooled (CLS dropped), before the projector: its final
+        output whichever layer the projector reads (`vision_feature_layer`)."""
+        hidden = self.vision(pixel_values)
+        return (hidden[:, 1:] if self.vision.has_cls_token else hidden).mean(dim=1)
+
+    def preprocess_image(self, data: bytes) -> torch.Tensor:
+        return self.train_decoder.load_image(data)  # what val_stream decodes images with
+
     def input_embeddings(self, input_ids: torch.Tensor, pixel_values: torch.Tensor):
         embeds = self.lm.embed(input_ids)
         images = self.embed_images(pixel_values)
@@ -212,11 +247,18 @@ class VLMTask(Task, Generative):
         # the memory of a small-vocabulary-heavy model (Qwen's 151k vocabulary).
         where = supervised_targets(labels, segments)
         logits = self.lm.lm_head(hidden[:, :-1][where]).float()
+        metrics = {"packing_efficiency": batch["real_tokens"] / input_ids.numel()}
+        if "label_kinds" in batch:  # chain of thought: each kind's mean loss, logged apart
+            losses = F.cross_entropy(logits, labels[:, 1:][where], reduction="none")
+            loss = losses.sum()
+            metrics.update(kind_losses(losses.detach(), batch["label_kinds"][:, 1:][where]))
+        else:
+            loss = F.cross_entropy(logits, labels[:, 1:][where], reduction="sum")
         return TaskOutput(
-            loss=F.cross_entropy(logits, labels[:, 1:][where], reduction="sum"),
+            loss=loss,
             samples=batch["num_samples"],
             tokens=batch["supervised_tokens"],
-            metrics={"packing_efficiency": batch["real_tokens"] / input_ids.numel()},
+            metrics=metrics,
         )
 
     def export_hf(self, out, state: dict) -> None:
@@ -353,6 +395,16 @@ class VLMTask(Task, Generative):
             pad_token_id=self.tokenizer.pad_token_id,
             **options,
         )
+
+
+def kind_losses(losses: torch.Tensor, kinds: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`reasoning_loss` and `answer_loss`: the mean of the per-target losses of each kind (the
+    micro-batch's; a kind with no target gives 0), tensors read only on logging steps."""
+    out = {}
+    for name, kind in (("reasoning_loss", REASONING), ("answer_loss", ANSWER)):
+        mine = kinds == kind
+        out[name] = (losses * mine).sum() / mine.sum().clamp(min=1)
+    return out
 
 
 def decode_until(tokenizer, tokens: torch.Tensor, stop_id: int) -> list[str]:
