@@ -169,7 +169,10 @@ def test_task_kind_selects_its_sections(recipe):
         (["task.kind=vlm", "task.embed_dim=8"], r"'task.embed_dim' belongs to task.kind siglip"),
         (["task.kind=vlm", "task.stage=2"], r"task.stage: expected 'align' \| 'sft', got 2"),
         # every registered kind, sorted (test files may register kinds of their own)
-        (["task.kind=nope"], r"'nope' is not a task; valid kinds: paligemma, siglip, (\w+, )*vlm"),
+        (
+            ["task.kind=nope"],
+            r"'nope' is not a task; valid kinds: cappa, paligemma, siglip, siglip2, (\w+, )*vlm",
+        ),
         (["engine.freeze=[vision]"], r"'engine.freeze' moved to task.freeze"),
         (["eval.zeroshot=false"], r"'eval.zeroshot' moved to eval.evaluators"),
         (["engine.kind=zero4"], r"'zero4' is not an engine; valid: ddp, zero2, zero3, fsdp"),

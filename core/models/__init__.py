@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import decoder, hub, paligemma, text, vision  # noqa: F401 - each registers its families
+from . import cappa, decoder, hub, paligemma, text, vision  # noqa: F401 - each registers its families
 from .registry import FAMILIES, TEXT_TOWERS, register  # noqa: F401 - register: the decorator
 
 PARTS = ("", "text")
