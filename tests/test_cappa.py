@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engines import kill_after
+from test_engines import assert_engines_agree, assert_resumed_exactly, kill_after
 from test_paligemma_task import shard_samples
-from test_train import assert_bitwise_equal, metrics, run_cli
+from test_train import metrics, run_cli
 
 from core.config import ConfigError
 from core.engines import ENGINES
@@ -308,10 +308,6 @@ def train(shapes, run_dir, kind, recipe="tiny_cappa", **extra):
     return run_cli(["train", recipe, *args], nproc=2)
 
 
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in metrics(run_dir) if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def straight(shapes_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cappa_engines")
@@ -322,26 +318,16 @@ def straight(shapes_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_every_engine_agrees_with_ddp(straight):
-    ref = losses(straight / "ddp")
-    assert len(ref) == STEPS and ref[-1] < ref[0]
-    worst = {kind: max(abs(a - b) / abs(b) for a, b in zip(losses(straight / kind), ref))
-             for kind in ENGINES if kind != "ddp"}  # fmt: skip
-    assert all(len(losses(straight / k)) == STEPS for k in ENGINES)
-    assert all(v <= 1e-4 for v in worst.values()), worst
+    assert_engines_agree(straight, STEPS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_sigkill_and_restart_is_bitwise_exact(shapes_dir, tmp_path, straight, kind):
-    from launch.export import consolidated
-
     run = tmp_path / "killed"
     kill_after(train(shapes_dir, run, kind), run, 3)
     assert train(shapes_dir, run, kind).wait(timeout=600) == 0
-    resumed = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
-    start = next(r["step"] for r in metrics(run) if r.get("event") == "resume")
-    assert [resumed[s] for s in range(start + 1, STEPS + 1)] == losses(straight / kind)[start:]
-    assert_bitwise_equal(consolidated(straight / kind)[2], consolidated(run)[2])
+    assert_resumed_exactly(run, straight / kind, STEPS)
 
 
 @pytest.mark.slow

@@ -59,6 +59,30 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in metrics(run_dir) if "loss" in r]
 
 
+def assert_engines_agree(root: Path, steps: int, tol: float = 1e-4) -> None:
+    """root/<kind> runs of one recipe under every engine: all `steps` losses logged, ddp's going
+    down, every engine's within `tol` (relative) of ddp's at every step."""
+    from core.engines import ENGINES
+
+    ref = losses(root / "ddp")
+    assert len(ref) == steps and ref[-1] < ref[0]
+    assert all(len(losses(root / kind)) == steps for kind in ENGINES)
+    worst = {kind: max(abs(a - b) / abs(b) for a, b in zip(losses(root / kind), ref))
+             for kind in ENGINES if kind != "ddp"}  # fmt: skip
+    assert all(v <= tol for v in worst.values()), worst
+
+
+def assert_resumed_exactly(run: Path, straight: Path, steps: int) -> None:
+    """`run` was killed and restarted: its losses after the resume equal the uninterrupted run's
+    and its final weights are bitwise the same."""
+    from launch.export import consolidated
+
+    resumed = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+    start = next(r["step"] for r in metrics(run) if r.get("event") == "resume")
+    assert [resumed[s] for s in range(start + 1, steps + 1)] == losses(straight)[start:]
+    assert_bitwise_equal(consolidated(straight)[2], consolidated(run)[2])
+
+
 def train_cli(shapes, run_dir: Path, nproc: int = 2, **extra) -> subprocess.Popen:
     args = ["train", "tiny_siglip", *tiny_overrides(shapes, run_dir, STEPS, **extra)]
     return run_cli(args, nproc=nproc)

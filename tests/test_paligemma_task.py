@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engines import kill_after
-from test_train import ROOT, assert_bitwise_equal, metrics, run_cli
+from test_engines import assert_engines_agree, assert_resumed_exactly, kill_after
+from test_train import ROOT, run_cli
 
 from core.data.errors import BadSample
 from core.data.prefix_lm import (
@@ -218,10 +218,6 @@ def train(vqa, tok, run_dir, kind, **extra) -> subprocess.Popen:
     return run_cli(["train", "tiny_paligemma", *args], nproc=2)
 
 
-def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in metrics(run_dir) if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def straight(vqa, tok_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pg_engines")
@@ -232,26 +228,16 @@ def straight(vqa, tok_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_every_engine_agrees_with_ddp(straight):
-    ref = losses(straight / "ddp")
-    assert len(ref) == STEPS and ref[-1] < ref[0]
-    worst = {kind: max(abs(a - b) / abs(b) for a, b in zip(losses(straight / kind), ref))
-             for kind in ENGINES if kind != "ddp"}  # fmt: skip
-    assert all(len(losses(straight / k)) == STEPS for k in ENGINES)
-    assert all(v <= 1e-4 for v in worst.values()), worst
+    assert_engines_agree(straight, STEPS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["zero3", "fsdp"])  # sharded; every engine: test_task_contract
 def test_sigkill_and_restart_is_bitwise_exact(vqa, tok_dir, tmp_path, straight, kind):
-    from launch.export import consolidated
-
     run = tmp_path / "killed"
     kill_after(train(vqa, tok_dir, run, kind), run, 3)
     assert train(vqa, tok_dir, run, kind).wait(timeout=600) == 0
-    resumed = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
-    start = next(r["step"] for r in metrics(run) if r.get("event") == "resume")
-    assert [resumed[s] for s in range(start + 1, STEPS + 1)] == losses(straight / kind)[start:]
-    assert_bitwise_equal(consolidated(straight / kind)[2], consolidated(run)[2])
+    assert_resumed_exactly(run, straight / kind, STEPS)
 
 
 @pytest.mark.slow
