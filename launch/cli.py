@@ -22,6 +22,10 @@ SUBCOMMANDS = {
     "plan": ("launch.plan", "estimate per-GPU memory of every engine for a recipe"),
     "submit": ("launch.submit", "submit a recipe (or resume a run) as a SLURM job via submitit"),
     "status": ("launch.status", "a run's step, newest checkpoint, SLURM jobs and their states"),
+    "dpo-reference": (
+        "launch.dpo_reference",
+        "write a DPO recipe's reference log-probs (task.dpo.reference=precomputed)",
+    ),
     "doctor": ("launch.doctor", "check devices, matmul speed, flash-attn, all-reduce, a short run"),
 }
 

@@ -215,6 +215,21 @@ def write_reference(vqa, shapes, tmp_path, recipe="tiny_vlm_stage1", over=None) 
     return over
 
 
+def test_dpo_reference_command_writes_the_same_file(vqa, shapes_dir, tmp_path):
+    """`vlscale dpo-reference` (launch/dpo_reference.py) writes what the function does."""
+    import json
+
+    from launch.cli import main
+
+    (tmp_path / "fn").mkdir()
+    over = write_reference(vqa, shapes_dir, tmp_path / "fn")
+    out = tmp_path / "cli.json"
+    assert main(["dpo-reference", "tiny_vlm_stage1", *over, "--out", str(out),
+                 "--batch-size", "4"]) == 0  # fmt: skip
+    expected = json.loads((tmp_path / "fn" / "reference.json").read_text())
+    assert json.loads(out.read_text()) == expected and expected["samples"]
+
+
 def test_precomputed_reference_log_probs(vqa, shapes_dir, tmp_path):
     from core.tasks import build_task
     from core.tasks.vlm_dpo import PreferenceTrainDecoder

@@ -69,6 +69,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..config import Config, ConfigError
 from ..data.chat import IGNORE, ChatProcessor, _VLMDecoder
 from ..data.cot import _read_cot_record, cot_images
@@ -629,8 +630,10 @@ def precompute_reference_logps(task: VLMDPOTask, out: str | Path | None = None,
     samples: dict[str, dict] = {}
     skipped = 0
 
+    device = next(task.parameters()).device
+
     def flush(keys: list[str], pairs: list[dict]) -> None:
-        batch = collate(pairs)
+        batch = distributed.to_device(collate(pairs), device)
         features = task.vision_features(batch["pixel_values"])
         embeds = pair_embeddings(task.lm, task.projector, batch, features, task.image_token_id)
         logps = sequence_logps(task.lm, embeds, batch)[0].tolist()
