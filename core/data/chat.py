@@ -199,7 +199,10 @@ def image_members(sample: dict) -> list[bytes]:
     return [found[i] for i in range(len(found))]
 
 
-class _VLMDecoder:
+class VLMDecoder:
+    """What the VLM's train and eval decoders share (images, the processor), and the base of the
+    chain-of-thought and preference decoders."""
+
     def __init__(
         self,
         processor: ChatProcessor,
@@ -229,7 +232,7 @@ class _VLMDecoder:
         return torch.stack([self.load_image(data) for data in images])
 
 
-class VLMTrainDecoder(_VLMDecoder):
+class VLMTrainDecoder(VLMDecoder):
     """Raw sample -> {"pixel_values": float32 [n, 3, S, S] (n may be 0), "input_ids": int64 [T],
     "labels": int64 [T]}, T <= max_seq_len.
 
@@ -266,7 +269,7 @@ class VLMTrainDecoder(_VLMDecoder):
         }
 
 
-class VLMEvalDecoder(_VLMDecoder):
+class VLMEvalDecoder(VLMDecoder):
     """Raw sample -> {"pixel_values", "prompt_ids": int64 [Tp], "answer": str (the last
     assistant turn), "answers": list[str], "source": str, "key": str}, for generating the last
     answer. `answers` is every accepted answer: the json's optional "answers" list (e.g. VQAv2's

@@ -49,7 +49,7 @@ from core.data.chat import (
     IGNORE,
     IMAGE_MEMBER,
     ChatProcessor,
-    _VLMDecoder,
+    VLMDecoder,
 )
 from core.data.errors import BadSample
 from core.data.preference_sources import cot_fields, parse_llava_cot
@@ -273,14 +273,14 @@ def cot_images(sample: dict) -> list[bytes]:
     return [sample[key] for key in SINGLE_IMAGE_KEYS if key in sample][:1]
 
 
-class _CoTDecoder(_VLMDecoder):
+class _CoTDecoder(VLMDecoder):
     def __init__(self, cot: CoTProcessor, image_size: int, mean, std, max_images: int = 8,
                  max_pixels: int = 64_000_000):  # fmt: skip
         super().__init__(cot.processor, image_size, mean, std, max_images, max_pixels)
         self.cot = cot
 
     def _read(self, sample: dict) -> tuple[dict, list[dict], list[bytes]]:
-        record = _read_cot_record(sample)
+        record = read_cot_record(sample)
         images = cot_images(sample)
         declared = record.get("num_images", len(images))
         if declared != len(images):
@@ -290,7 +290,7 @@ class _CoTDecoder(_VLMDecoder):
         return record, [], images
 
 
-def _read_cot_record(sample: dict) -> dict:
+def read_cot_record(sample: dict) -> dict:
     """The sample's json member. Unlike FineVision's, its `num_images` is optional (a synthetic
     shapes record has none); when present it must be an int."""
     data = sample.get("json")

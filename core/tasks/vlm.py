@@ -128,7 +128,7 @@ class VLMTask(Task, Generative, ImageEncoder):
         self.image_token_id = self.processor.image_pad_id
         self.end_of_turn_id = self.processor.end_of_turn_id
         self.projector = Projector(self.vision.hidden_size, self.lm.hidden_size, factor, p.kind)
-        if t.init_from and not _on_meta(self):
+        if t.init_from and not on_meta(self):
             self.load_previous_stage(t.init_from)
         if t.stage == "sft" and t.lm_tuning == "lora":
             add_lora(self.lm, t.lora)
@@ -428,5 +428,5 @@ def chat_processor(tokenizer, tokens_per_image: int, data):
         raise ConfigError(f"model.tokenizer: {err}") from None
 
 
-def _on_meta(module: nn.Module) -> bool:
+def on_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())

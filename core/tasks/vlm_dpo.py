@@ -71,8 +71,8 @@ from torch import nn
 
 from .. import distributed
 from ..config import Config, ConfigError
-from ..data.chat import IGNORE, ChatProcessor, _VLMDecoder
-from ..data.cot import _read_cot_record, cot_images
+from ..data.chat import IGNORE, ChatProcessor, VLMDecoder
+from ..data.cot import cot_images, read_cot_record
 from ..data.errors import BadSample
 from ..data.packing import ROW_MULTIPLE, check_image_count, first_fit_decreasing
 from ..data.preference_sources import preference_fields
@@ -83,7 +83,7 @@ from ..losses import DPO_KINDS, dpo_loss
 from ..models.vlm import splice_images
 from .base import TaskOutput, register_task
 from .common import vision_lm_costs
-from .vlm import VLMConfig, VLMDataConfig, VLMTask, _on_meta
+from .vlm import VLMConfig, VLMDataConfig, VLMTask, on_meta
 
 log = logging.getLogger(__name__)
 LOGPS_FORMAT = "vlscale-dpo-reference-logps/1"
@@ -134,7 +134,7 @@ class VLMDPOTask(VLMTask):
                       std=self.vision.image_std, max_images=d.max_images,
                       max_pixels=d.max_pixels)  # fmt: skip
         reference = None
-        if cfg.task.dpo.reference == "precomputed" and load_reference and not _on_meta(self):
+        if cfg.task.dpo.reference == "precomputed" and load_reference and not on_meta(self):
             reference = read_reference_logps(cfg.task.dpo.reference_logps, model_hash(self))
         self.train_decoder = PreferenceTrainDecoder(
             self.processor, max_seq_len=d.max_seq_len, reference=reference,
@@ -381,9 +381,9 @@ class ReferenceModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------- data
-class _PreferenceDecoder(_VLMDecoder):
+class _PreferenceDecoder(VLMDecoder):
     def _read(self, sample: dict) -> tuple[dict, dict, list[bytes]]:
-        record = _read_cot_record(sample)  # json with an optional int num_images
+        record = read_cot_record(sample)  # json with an optional int num_images
         images = cot_images(sample)  # numbered members, or the one `{key}.{ext}`
         if record.get("num_images", len(images)) != len(images):
             raise BadSample("image_count_mismatch")
