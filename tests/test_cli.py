@@ -24,6 +24,7 @@ def test_console_script_help_lists_working_subcommands():
         "plan",
         "submit",
         "status",
+        "dpo-reference",
         "doctor",
     }
 
