@@ -147,21 +147,26 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
                 logger.log(step, metrics)
             logger.advance(step)
 
+            stop = result.stop  # every rank agrees: the flag was all-reduced
             if step != steps:
                 due = [e for e in evaluators if every(e, cfg) and step % every(e, cfg) == 0]
-                eval_metrics = run_evaluators(due, cfg, dist, engine, logger, step) or eval_metrics
+                metrics, stopped = run_evaluators(due, cfg, dist, engine, logger, step)
+                eval_metrics, stop = metrics or eval_metrics, stop or stopped
             periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-            if (periodic or result.stop) and step != steps:
+            if (periodic or stop) and step != steps:
                 save_checkpoint(ckpt, step, engine, train_stream)
-            if result.stop and step != steps:  # every rank agrees: the flag was all-reduced
-                signame = preemption.signal_name() or "a signal on another rank"
-                logger.event(step, "interrupted", signal=signame, checkpoint=f"step_{step}")
-                distributed.barrier()  # no rank exits (and gets the others killed) before this
-                raise preemption.Interrupted(step, signame, str(ckpt.root / f"step_{step}"))
-        if start_step < steps or not (run_dir / "eval.json").exists():
-            eval_metrics = run_evaluators(evaluators, cfg, dist, engine, logger, step)
+            if stop and step != steps:
+                interrupt(step, logger, ckpt)
+        # The last checkpoint before the final evaluation: a time limit that falls during a long
+        # evaluation then costs the evaluation, never the last steps; the resumed run (at the
+        # last step) only evaluates.
         if resume_from is None or start_step < steps:
             save_checkpoint(ckpt, step, engine, train_stream)
+        if start_step < steps or not final_eval_written(run_dir, steps):
+            metrics, stopped = run_evaluators(evaluators, cfg, dist, engine, logger, step)
+            if stopped:
+                interrupt(step, logger, ckpt)
+            eval_metrics = metrics
     finally:
         logger.close()
     if dist.is_main:
@@ -245,17 +250,50 @@ def every(evaluator, cfg: Config) -> int:
     return evaluator.options.every or cfg.eval.every
 
 
-def run_evaluators(evaluators, cfg: Config, dist, engine, logger: MetricsLogger, step: int) -> dict:
+def interrupt(step: int, logger: MetricsLogger, ckpt: Checkpointer) -> None:
+    """Stop for a preemption/timeout signal (every rank agreed), step_{step} being saved: the
+    launcher requeues and the same command resumes."""
+    signame = preemption.signal_name() or "a signal on another rank"
+    logger.event(step, "interrupted", signal=signame, checkpoint=f"step_{step}")
+    distributed.barrier()  # no rank exits (and gets the others killed) before this
+    raise preemption.Interrupted(step, signame, str(ckpt.root / f"step_{step}"))
+
+
+def stop_voted(dist) -> bool:
+    """Whether any rank got a preemption/timeout signal (collective: every rank calls it)."""
+    (n_stop,) = distributed.all_reduce_sum(
+        [torch.tensor(float(preemption.requested()), device=dist.device)]
+    )
+    return n_stop > 0
+
+
+def final_eval_written(run_dir: Path, steps: int) -> bool:
+    """eval.json holds the evaluation of the last step (an earlier evaluation's does not count)."""
+    try:
+        return json.loads((run_dir / "eval.json").read_text()).get("step") == steps
+    except (OSError, ValueError):
+        return False
+
+
+def run_evaluators(
+    evaluators, cfg: Config, dist, engine, logger: MetricsLogger, step: int
+) -> tuple[dict, bool]:
     """Run `evaluators` on the task with full weights; log their metrics and tables, and write
-    eval.json (rank 0). Returns the metrics (rank 0; {} elsewhere or when none ran)."""
+    eval.json (rank 0). Returns the metrics (rank 0; {} elsewhere or when none ran) and whether
+    a preemption/timeout signal stopped the round: the ranks vote before each evaluator, so a
+    signal during a long evaluation leaves time to checkpoint and requeue (then nothing is
+    logged or written for the round)."""
     if not evaluators:
-        return {}
+        return {}, False
     ctx = EvalContext(cfg=cfg, dist=dist, step=step, run_dir=Path(cfg.run_dir))
     metrics: dict = {}
     # Sharded engines hand out a model with full weights: evaluation code may run on one rank.
     with engine.full_model() as model, torch.no_grad(), engine.autocast():
         model.eval()
         for evaluator in evaluators:
+            if stop_voted(dist):
+                model.train()
+                return {}, True
             metrics.update(evaluator(model, ctx))
         model.train()
     if dist.is_main:
@@ -266,7 +304,7 @@ def run_evaluators(evaluators, cfg: Config, dist, engine, logger: MetricsLogger,
         tmp = Path(cfg.run_dir) / "eval.json.tmp"
         tmp.write_text(json.dumps({"step": step, **metrics}, indent=2))
         os.replace(tmp, Path(cfg.run_dir) / "eval.json")
-    return metrics
+    return metrics, False
 
 
 def memory_metrics(device: torch.device) -> dict:
