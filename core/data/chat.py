@@ -173,8 +173,8 @@ class ChatProcessor:
         return self.chat.export_template(self.system_prompt, self.image_block)
 
 
-def read_record(sample: dict) -> dict:
-    """The sample's `json` member: {"texts", "source", "num_images", ...}."""
+def json_member(sample: dict) -> dict:
+    """The sample's `json` member as a dict (BadSample missing_json / bad_json otherwise)."""
     data = sample.get("json")
     if data is None:
         raise BadSample("missing_json")
@@ -182,7 +182,15 @@ def read_record(sample: dict) -> dict:
         record = json.loads(data)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BadSample("bad_json") from None
-    if not isinstance(record, dict) or not isinstance(record.get("num_images"), int):
+    if not isinstance(record, dict):
+        raise BadSample("bad_json")
+    return record
+
+
+def read_record(sample: dict) -> dict:
+    """The sample's `json` member: {"texts", "source", "num_images", ...}."""
+    record = json_member(sample)
+    if not isinstance(record.get("num_images"), int):
         raise BadSample("bad_json")
     return record
 

@@ -39,7 +39,6 @@ text after `</think>`, or the `<CONCLUSION>` section.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -50,6 +49,7 @@ from core.data.chat import (
     IMAGE_MEMBER,
     ChatProcessor,
     VLMDecoder,
+    json_member,
 )
 from core.data.errors import BadSample
 from core.data.preference_sources import cot_fields, parse_llava_cot
@@ -293,15 +293,7 @@ class _CoTDecoder(VLMDecoder):
 def read_cot_record(sample: dict) -> dict:
     """The sample's json member. Unlike FineVision's, its `num_images` is optional (a synthetic
     shapes record has none); when present it must be an int."""
-    data = sample.get("json")
-    if data is None:
-        raise BadSample("missing_json")
-    try:
-        record = json.loads(data)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise BadSample("bad_json") from None
-    if not isinstance(record, dict):
-        raise BadSample("bad_json")
+    record = json_member(sample)
     if "num_images" in record and not isinstance(record["num_images"], int):
         raise BadSample("bad_json")
     return record
