@@ -1,11 +1,12 @@
-"""`vlscale shards synthetic|cc3m|synthetic-vqa|synthetic-cot|finevision|rlaif-v|llava-cot|index|
-paligemma-tokenizer`: write or fetch training data.
+"""`vlscale shards synthetic|cc3m|synthetic-vqa|synthetic-cot|synthetic-preference|finevision|
+rlaif-v|llava-cot|index|paligemma-tokenizer`: write or fetch training data.
 
 synthetic / cc3m / finevision write webdataset shards (+ sizes.json); rlaif-v (preference pairs,
 for DPO) and llava-cot (chain-of-thought, for CoT SFT) convert local copies of those datasets
 (core/data/preference_sources.py: the layouts and the shard schema); synthetic-vqa writes
 FineVision-format parquet (+ a tokenizer) that `finevision --source DIR` converts to shards;
 synthetic-cot writes shapes chains of thought in LLaVA-CoT-100k's layout that `llava-cot` converts;
+synthetic-preference writes reasoned shapes preference pairs in RLAIF-V's layout for `rlaif-v`;
 index writes the sizes.json of shards written elsewhere (img2dataset, pixparse) from their
 `*_stats.json` / `_info.json`, without reading the tars.
 """
@@ -32,6 +33,7 @@ from core.data.synthetic import (
     VQA_SUBSETS,
     write_finevision_parquet,
     write_llava_cot_jsonl,
+    write_rlaif_v_parquet,
     write_synthetic_shards,
 )
 
@@ -105,6 +107,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cot.add_argument("--rows", type=int, required=True, help="rows (one image and question each)")
     cot.add_argument("--seed", type=int, default=0)
     cot.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    pref = sub.add_parser(
+        "synthetic-preference",
+        help="seeded shapes preference pairs, reasoned, in RLAIF-V's layout (parquet)",
+        description="Write OUT/RLAIF-V-Dataset_000.parquet (openbmb/RLAIF-V-Dataset's columns): "
+        "a colour or shape question per image, chosen the true chain of thought and answer, "
+        "rejected the same with the attribute changed, both in --format (as stage 3 renders "
+        "them); convert with `vlscale shards rlaif-v --source OUT --out DIR`.",
+    )
+    pref.add_argument("--out", type=Path, required=True)
+    pref.add_argument("--rows", type=int, required=True, help="pairs (one image each)")
+    pref.add_argument("--seed", type=int, default=0)
+    pref.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    pref.add_argument("--format", choices=("think", "llava_cot"), default="think")
     finevision = sub.add_parser(
         "finevision",
         help="convert FineVision subsets (hub or local parquet) to webdataset shards",
@@ -236,6 +251,10 @@ def main(args: argparse.Namespace) -> int:
         path = write_llava_cot_jsonl(args.out, args.rows, args.seed, image_size=args.image_size)
         seconds = time.perf_counter() - start
         print(f"{args.rows} rows at {path} (images in {args.out / 'images'}; {seconds:.1f} s)")
+        return 0
+    if args.source_kind == "synthetic-preference":
+        path = write_rlaif_v_parquet(args.out, args.rows, args.seed, args.image_size, args.format)
+        print(f"{args.rows} pairs at {path} ({time.perf_counter() - start:.1f} s)")
         return 0
     if args.source_kind == "finevision":
         return _finevision(args, start)

@@ -23,6 +23,7 @@ from core.data.synthetic import (
     make_sample,
     preference_pair,
     questions,
+    write_llava_cot_jsonl,
     write_synthetic_shards,
 )
 from launch import shards as shards_cli
@@ -139,6 +140,34 @@ def test_chain_of_thought_counts_the_first_colour():
     twins = json.loads(json.dumps(TWO_SHAPES))
     twins["shapes"][1]["colour"] = "red"
     assert chain_of_thought(twins)["answer"] == "two"
+
+
+def test_chain_of_thought_colour_and_shape_questions_name_the_first_shape():
+    for kind, answer in (("colour", "red"), ("shape", "circle")):
+        cot = chain_of_thought(TWO_SHAPES, kind)
+        assert cot["answer"] == answer
+        # the question is stage 2's VQA question, word for word
+        assert {"question": cot["question"], "answer": answer} in questions(TWO_SHAPES)
+        assert cot["caption"] == f"The shape at the top left is {answer}: a large red circle."
+        assert cot["reasoning"] == f"The question asks for its {kind}, so the answer is {answer}."
+    second = chain_of_thought(TWO_SHAPES, "colour", which=1)  # every shape can be asked about
+    assert second["question"] == "What colour is the shape at the bottom right?"
+    assert second["answer"] == "blue"
+    assert chain_of_thought(TWO_SHAPES, "shape", which=3)["answer"] == "square"  # modulo 2
+    with pytest.raises(ValueError, match="valid: count, colour, shape"):
+        chain_of_thought(TWO_SHAPES, "size")
+
+
+def test_llava_cot_rows_rotate_the_question_kinds(tmp_path):
+    path = write_llava_cot_jsonl(tmp_path, rows=6, seed=0)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    asked = [row["conversations"][0]["value"].removeprefix("<image>\n") for row in rows]
+    assert [q.split()[:2] for q in asked[:3]] == [["How", "many"], ["What", "colour"],
+                                                 ["What", "shape"]]  # fmt: skip
+    for row, question in zip(rows, asked):
+        answer = row["conversations"][1]["value"]
+        conclusion = answer.rsplit("<CONCLUSION> ", 1)[1].removesuffix(" </CONCLUSION>")
+        assert f"so the answer is {conclusion}." in answer or question.startswith("How many")
 
 
 def test_preference_rejects_a_wrong_colour():

@@ -506,3 +506,33 @@ def test_cli_subcommands(rlaif_v_dir, tmp_path, images_dir, capsys):
     assert "neither a file nor a directory" in capsys.readouterr().err
     assert cli([*argv[:4], "--images", str(tmp_path / "no-images"), "--out", "x"]) == 2
     assert "no image directory" in capsys.readouterr().err
+
+
+def test_synthetic_reasoned_pairs_in_rlaif_v_layout(tmp_path, capsys):
+    """`vlscale shards synthetic-preference` then `rlaif-v`, the demo's stage-4 data: stage 2's
+    colour questions, both responses in stage 3's think format, the rejected one's answer (and
+    the shape it describes) of the wrong colour, nothing else changed."""
+    from core.data.cot import parse_output
+    from core.data.synthetic import COLOURS, questions
+
+    src, out = tmp_path / "src", tmp_path / "pref"
+    assert cli(["shards", "synthetic-preference", "--out", str(src), "--rows", "6"]) == 0
+    assert cli(["shards", "rlaif-v", "--source", str(src), "--out", str(out)]) == 0
+    assert "6 train, 0 val samples from 6 rows" in capsys.readouterr().out
+    with tarfile.open(out / "train-000000.tar") as tar:
+        records = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
+    assert len(records) == 6
+    asked_about = []
+    for record in records:
+        index = int(record["idx"])
+        _, scene = make_sample(0, "preference", index)
+        shape = scene["shapes"][index % len(scene["shapes"])]  # every shape in turn
+        asked_about.append(shape == scene["shapes"][0])
+        truth = shape["colour"]
+        asked = {qa["question"]: qa["answer"] for qa in questions(scene)}
+        assert asked[record["prompt"]] == truth  # a stage-2 question, answered by the scene
+        chosen, rejected = (parse_output("think", record[s]) for s in ("chosen", "rejected"))
+        names = list(COLOURS)
+        assert chosen == truth and rejected == names[(names.index(truth) + 1) % len(names)]
+        assert record["rejected"] == record["chosen"].replace(truth, rejected)
+    assert not all(asked_about)  # not always the first shape

@@ -181,15 +181,38 @@ def questions(attributes: dict) -> list[dict]:
     return qa
 
 
-def chain_of_thought(attributes: dict) -> dict:
-    """Count the shapes of the first shape's colour, reasoning over every shape first."""
+COT_KINDS = ("count", "colour", "shape")
+
+
+def chain_of_thought(attributes: dict, kind: str = "count", which: int = 0) -> dict:
+    """A question about a scene, reasoned before it is answered: `count` (how many shapes have
+    the first shape's colour: every shape listed, those of the colour picked, counted), `colour`
+    or `shape` (of shape `which`, modulo the count, asked by its position: the staged-VLM demo's
+    VQA questions, as stage 2 asks them). The latter two come with their own "caption"
+    (LLaVA-CoT's CAPTION section, which otherwise holds the whole scene's caption) naming the
+    attribute asked about, then describing the shape. Ask about every shape, not always the
+    first: trained on questions about the first shape only, the demo model learned to answer
+    with the first shape's colour wherever the question pointed (colour answers 0.89 -> 0.60)."""
     shapes = attributes["shapes"]
+    if kind in ("colour", "shape"):
+        asked = shapes[which % len(shapes)]
+        where = f"at the {asked['position']}"
+        question = (f"What colour is the shape {where}?" if kind == "colour"
+                    else f"What shape is {where}?")  # fmt: skip
+        return {
+            "question": question,
+            "caption": f"The shape {where} is {asked[kind]}: a {describe(asked)}.",
+            "reasoning": f"The question asks for its {kind}, so the answer is {asked[kind]}.",
+            "answer": asked[kind],
+        }
+    if kind != "count":
+        raise ValueError(f"chain_of_thought kind {kind!r}; valid: {', '.join(COT_KINDS)}")
     colour = shapes[0]["colour"]
-    seen = "; ".join(f"a {describe(s)} at the {s['position']}" for s in shapes)
     matching = [s for s in shapes if s["colour"] == colour]
+    seen = "; ".join(f"a {describe(s)} at the {s['position']}" for s in shapes)
     reasoning = (
         f"I see {NUMBERS[len(shapes)]} shape{'s' if len(shapes) > 1 else ''}: {seen}. "
-        f"The {colour} one{'s are' if len(matching) > 1 else ' is'} "
+        + f"The {colour} one{'s are' if len(matching) > 1 else ' is'} "
         + " and ".join(f"the {describe(s)}" for s in matching)
         + f", so there {'are' if len(matching) > 1 else 'is'} {NUMBERS[len(matching)]}."
     )
@@ -462,21 +485,34 @@ def _write_parquet(dataset, path: Path) -> None:
 
 
 # ------------------------------------------------------------------ LLaVA-CoT-layout rows
-def llava_cot_answer(record: dict) -> str:
-    """A shapes record's chain of thought as LLaVA-CoT's tagged answer: SUMMARY (the plan),
-    CAPTION (the record's caption), REASONING and CONCLUSION (its "cot")."""
-    cot, colour = record["cot"], record["shapes"][0]["colour"]
-    summary = f"I will list every shape with its colour, then count the {colour} ones."
+def cot_parts(record: dict, cot: dict) -> tuple[str, str, str]:
+    """LLaVA-CoT's SUMMARY (the plan), CAPTION (the chain's own, else the record's caption) and
+    REASONING of a shapes record's chain of thought `cot` (chain_of_thought)."""
+    if cot["question"].startswith("How many"):
+        colour = record["shapes"][0]["colour"]
+        summary = f"I will list every shape with its colour, then count the {colour} ones."
+    else:
+        summary = "I will describe the shape asked about, then answer."
+    caption = cot.get("caption") or f"The image shows {record['caption']}."
+    return summary, caption, cot["reasoning"]
+
+
+def llava_cot_answer(record: dict, cot: dict | None = None) -> str:
+    """A shapes record's chain of thought (`cot`, default its "cot") as LLaVA-CoT's tagged
+    answer: SUMMARY, CAPTION, REASONING (cot_parts) and CONCLUSION."""
+    cot = cot or record["cot"]
+    summary, caption, reasoning = cot_parts(record, cot)
     return (
         f"<SUMMARY> {summary} </SUMMARY>\n\n"
-        f"<CAPTION> The image shows {record['caption']}. </CAPTION>\n\n"
-        f"<REASONING> {cot['reasoning']} </REASONING>\n\n"
+        f"<CAPTION> {caption} </CAPTION>\n\n"
+        f"<REASONING> {reasoning} </REASONING>\n\n"
         f"<CONCLUSION> {cot['answer']} </CONCLUSION>"
     )
 
 
 def write_llava_cot_jsonl(out_dir: str | Path, rows: int, seed: int, image_size: int = 64) -> Path:
-    """Write `rows` shapes scenes (split "cot": none of the shapes shards' scenes) in
+    """Write `rows` shapes scenes (split "cot": none of the shapes shards' scenes), row i asking
+    the question of kind COT_KINDS[i % 3] (chain_of_thought), in
     Xkev/LLaVA-CoT-100k's layout: `out_dir/train.jsonl` rows {"id", "image" (a path relative to
     out_dir), "conversations": [{"from": "human", "value": "<image>\\n" + question}, {"from":
     "gpt", "value": llava_cot_answer}]} and the JPEGs under `out_dir/images/`, for `vlscale
@@ -491,17 +527,83 @@ def write_llava_cot_jsonl(out_dir: str | Path, rows: int, seed: int, image_size:
     with open(tmp, "w", encoding="utf-8") as lines:
         for index in range(rows):
             jpeg, record = make_sample(seed, "cot", index, image_size)
+            # which shape a colour or shape question asks about: every one in turn
+            cot = chain_of_thought(record, COT_KINDS[index % len(COT_KINDS)], index // 3)
             image = f"images/{index:09d}.jpg"
             (out_dir / image).write_bytes(jpeg)
             row = {
                 "id": f"shapes-{index:09d}",
                 "image": image,
                 "conversations": [
-                    {"from": "human", "value": "<image>\n" + record["cot"]["question"]},
-                    {"from": "gpt", "value": llava_cot_answer(record)},
+                    {"from": "human", "value": "<image>\n" + cot["question"]},
+                    {"from": "gpt", "value": llava_cot_answer(record, cot)},
                 ],
             }
             lines.write(json.dumps(row) + "\n")
     os.replace(tmp, path)
     log.info("wrote %s (%d rows) and their images", path, rows)
+    return path
+
+
+# ------------------------------------------------------------------ RLAIF-V-layout rows
+RLAIF_V_COLUMNS = ("ds_name", "image", "question", "chosen", "rejected", "origin_dataset",
+                   "origin_split", "idx", "image_path")  # fmt: skip
+
+
+def reasoned_preference(record: dict, kind: str, which: int = 0, fmt: str = "think") -> dict:
+    """A preference pair over the colour or shape (`kind`) of a scene's shape `which`, both
+    responses reasoned in CoT format `fmt` as stage 3 renders them (core/data/cot.py): chosen
+    the true chain of thought, rejected the same with that attribute changed throughout (the
+    shape asked about misdescribed, the answer wrong): a hallucination, as RLAIF-V's rejected
+    responses are."""
+    from core.data.cot import render_target
+
+    wrong = json.loads(json.dumps(record))
+    names = list(COLOURS) if kind == "colour" else list(SHAPES)
+    asked = wrong["shapes"][which % len(wrong["shapes"])]
+    asked[kind] = names[(names.index(asked[kind]) + 1) % len(names)]
+    responses = []
+    for scene in (record, wrong):
+        cot = chain_of_thought(scene, kind, which)
+        parts = cot_parts(scene, cot)
+        reasoned = {
+            "question": cot["question"],
+            "reasoning": "\n\n".join(parts),
+            "answer": cot["answer"],
+            "reasoning_parts": dict(zip(("summary", "caption", "reasoning"), parts)),
+        }
+        responses.append(render_target(fmt, reasoned).text)  # fmt: skip
+    return {"question": chain_of_thought(record, kind, which)["question"], "chosen": responses[0],
+            "rejected": responses[1]}  # fmt: skip
+
+
+def write_rlaif_v_parquet(out_dir: str | Path, rows: int, seed: int, image_size: int = 64,
+                          fmt: str = "think") -> Path:  # fmt: skip
+    """Write `rows` shapes scenes (split "preference": none of the other splits' scenes) as
+    openbmb/RLAIF-V-Dataset's parquet (`out_dir/RLAIF-V-Dataset_000.parquet`, its columns),
+    row i a `reasoned_preference` pair over the colour of shape i (modulo the count: every
+    shape in turn; colour only: the demo model perceives colour, and shape stays at chance
+    whatever stage 4 does, so shape pairs teach a ranking it cannot see), for
+    `vlscale shards rlaif-v --source OUT` to convert as it converts the real dataset."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as ImageFeature
+
+    if rows < 1:
+        raise ValueError("rows must be at least 1")
+    columns: dict[str, list] = {name: [] for name in RLAIF_V_COLUMNS}
+    for index in range(rows):
+        jpeg, record = make_sample(seed, "preference", index, image_size)
+        pair = reasoned_preference(record, "colour", index, fmt)
+        row = {"ds_name": "shapes", "image": {"bytes": jpeg, "path": None}, **pair,
+               "origin_dataset": "shapes", "origin_split": json.dumps({"format": fmt}),
+               "idx": str(index), "image_path": f"shapes/{index:09d}.jpg"}  # fmt: skip
+        for name in RLAIF_V_COLUMNS:
+            columns[name].append(row[name])
+    features = Features({name: ImageFeature() if name == "image" else Value("string")
+                         for name in RLAIF_V_COLUMNS})  # fmt: skip
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "RLAIF-V-Dataset_000.parquet"
+    _write_parquet(Dataset.from_dict(columns, features=features), path)
+    log.info("wrote %s (%d preference pairs)", path, rows)
     return path
