@@ -11,7 +11,8 @@ Mask kinds:
                  1 = causal token) or, for a prefix at the row start, by `prefix_len` [B]
   packed         several sequences in one row, given by `segment_ids` [B, T] (-1 = padding);
                  nothing across segments; inside a segment causal, or prefix-LM per sample
-                 when `mask_ar` is given
+                 when `mask_ar` is given. Causal packed rows on CPU skip the dense mask:
+                 SDPA per segment (`_per_segment`), the same function at the segments' cost
 
 One rule builds every causal and prefix-LM mask (`ar_mask`, big_vision's): position i sees j
 when cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]. Prefix tokens share a group, so they see each
@@ -109,6 +110,11 @@ def attention(
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != k.shape[1]
         )
+    if mask_kind == "packed" and mask_ar is None and key_padding is None and T == S:
+        if segment_ids is None:
+            raise ValueError("mask_kind='packed' needs segment_ids [B, T]")
+        if q.device.type == "cpu":
+            return _per_segment(q, k, v, segment_ids, scale, dropout_p)
     mask = build_mask(
         mask_kind, T, S, device=q.device, prefix_len=prefix_len,
         segment_ids=segment_ids, key_padding=key_padding, mask_ar=mask_ar,
@@ -116,6 +122,43 @@ def attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p, enable_gqa=Hq != k.shape[1]
     )
+
+
+def _per_segment(q, k, v, segment_ids, scale, dropout_p):
+    """Packed rows without the dense [T, T] mask: causal SDPA on each segment alone, so attention
+    costs the sum of the segments' squares instead of rows x T^2. Computes what the dense mask
+    does (tests/test_packed_attention.py): a segment is a contiguous run of equal id, as in the
+    flash path and as PackedCollate lays them out; a padding position (id -1) sees only itself,
+    so its output is its own value (its KV head's, for each query head of the group).
+
+    CPU only: the runs are read on the host, and on an accelerator that sync and the many small
+    kernels were not measured against the dense mask. Split and cat (not slicing) keep the
+    backward to one copy per tensor instead of one full-size gradient per segment.
+    (flex_attention, the other way to skip the masked blocks, has no backward on CPU in torch
+    2.13.)"""
+    groups = q.shape[1] // k.shape[1]
+    gqa = groups > 1
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    rows = []
+    # [1, H, T, D] rows, not unbind's [H, T, D]: CPU SDPA is ~2.5x slower on 3-d inputs
+    for b, (qb, kb, vb) in enumerate(zip(q.split(1), k.split(1), v.split(1))):
+        begin = torch.nonzero(starts[b]).flatten()
+        ids = segment_ids[b, begin].tolist()
+        sizes = torch.diff(begin, append=begin.new_tensor([q.shape[2]])).tolist()
+        pieces = []
+        for seg, qs, ks, vs in zip(
+            ids, qb.split(sizes, dim=2), kb.split(sizes, dim=2), vb.split(sizes, dim=2)
+        ):
+            if seg < 0:  # padding: the softmax over itself alone is 1
+                out = vs.repeat_interleave(groups, dim=1)
+            else:
+                out = F.scaled_dot_product_attention(
+                    qs, ks, vs, is_causal=True, scale=scale, dropout_p=dropout_p, enable_gqa=gqa
+                )
+            pieces.append(out)
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows)
 
 
 def _use_flash(q, mask_kind, prefix_len, key_padding, mask_ar) -> bool:
