@@ -24,7 +24,7 @@ import torch
 
 from . import distributed, preemption, runlock
 from .checkpoint import Checkpointer
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import to_device
 from .engines import build_engine
 from .evaluators import EvalContext, build_evaluators
@@ -96,6 +96,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
     start_step = 0
     if resume_from is not None:
         start_step, extra = ckpt.load(resume_from, engine)
+        check_rebuilt(extra, task, resume_from)
         train_stream.load_state_dict(extra["data"])
     logger = MetricsLogger(cfg, dist.is_main, start_step, steps, started=started)
     # The run's length in steps where `vlscale status` finds it (with optim.epochs it depends on
@@ -242,7 +243,23 @@ def save_checkpoint(ckpt: Checkpointer, step: int, engine, stream) -> None:
     # this check catches anything else (e.g. a NaN that came in through a finite gradient).
     if not engine.parameters_finite():
         raise NonFiniteLossError(f"parameters are not finite at step {step}; no checkpoint written")
-    ckpt.save(step, engine, {"data": stream.state_dict()})
+    ckpt.save(step, engine, {"data": stream.state_dict(),
+                             "rebuilt_digest": engine.task.rebuilt_digest})  # fmt: skip
+
+
+def check_rebuilt(extra: dict, task, checkpoint: Path) -> None:
+    """The weights a checkpoint leaves out to be rebuilt (Task.rebuilt_prefixes: stage 4's
+    frozen reference, from task.init_from) must be rebuilt as they were: a resume from a changed
+    init_from would continue against another reference, silently."""
+    if "rebuilt_digest" not in extra:  # written before checkpoints recorded it
+        return
+    saved = extra["rebuilt_digest"][0]  # every rank saved the same
+    if saved != task.rebuilt_digest:
+        raise ConfigError(
+            f"{checkpoint} was written with other rebuilt weights ({task.rebuilt_prefixes()}) "
+            f"than this job builds: task.init_from={task.cfg.task.init_from!r} changed since. "
+            "Restore it, or start a new run"
+        )
 
 
 def every(evaluator, cfg: Config) -> int:
@@ -294,7 +311,10 @@ def run_evaluators(
             if stop_voted(dist):
                 model.train()
                 return {}, True
-            metrics.update(evaluator(model, ctx))
+            for key, value in evaluator(model, ctx).items():
+                # A name two evaluators report (vqa's and cot's num_questions): the later one
+                # is qualified by its evaluator's name rather than overwrite the first.
+                metrics[f"{evaluator.name}/{key}" if key in metrics else key] = value
         model.train()
     if dist.is_main:
         for name, rows in ctx.tables.items():

@@ -8,7 +8,8 @@ LMs their tokenizer (AutoTokenizer; a VLM's with its chat template), LMs a gener
 SigLIP OUT/vision/ and OUT/text/ (a whole SigLIP: OUT/siglip/, one SiglipModel); a VLM
 OUT/vision/, OUT/projector.safetensors, OUT/lm/ (LoRA merged) and, for LoRA runs, OUT/lm_adapter/
 (a peft adapter) on OUT/lm_base/.
-OUT/model.safetensors holds every tensor of the task under its module names; OUT/config.yaml is
+OUT/model.safetensors holds every tensor of the task under its module names (but those the task
+rebuilds from its init_from, Task.rebuilt_prefixes: stage 4's frozen reference); OUT/config.yaml is
 the run's config; OUT/README.md a model card (Hub front matter, how to load each part, the
 training data, the run's last evaluation, the config). Reading the result needs only
 safetensors: DeepSpeed is imported only to consolidate a ZeRO checkpoint, DCP only for FSDP.
@@ -32,8 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def consolidated(run_dir: str | Path, step: int | None = None):
-    """(task with the checkpoint's weights, its config, the state dict) of a run."""
+    """(task with the checkpoint's weights, its config, the state dict) of a run. Weights the
+    checkpoint leaves out to be rebuilt (Task.rebuilt_prefixes) are rebuilt as training built
+    them (the task built for real, seeded as the loop seeds it, init_from read); the returned
+    state dict leaves them out too."""
     from core.consolidate import fit_state, run_state
+    from core.loop import seed_everything
     from core.recipe import config_from_dict
     from core.tasks import build_task
 
@@ -41,6 +46,14 @@ def consolidated(run_dir: str | Path, step: int | None = None):
     cfg = config_from_dict(tree)
     with torch.device("meta"):
         task = build_task(cfg)
+    rebuilt = task.rebuilt_prefixes()
+    if rebuilt:
+        seed_everything(cfg.seed)
+        built = build_task(cfg).state_dict()
+        state = {k: v for k, v in state.items() if not k.startswith(rebuilt)}
+        full = fit_state({**built, **state}, task.state_dict(), f"{run_dir} checkpoint")
+        task.load_state_dict(full, assign=True)
+        return task, cfg, {k: v for k, v in full.items() if not k.startswith(rebuilt)}
     state = fit_state(state, task.state_dict(), f"{run_dir} checkpoint")
     task.load_state_dict(state, assign=True)
     return task, cfg, state

@@ -174,3 +174,37 @@ def test_inner_micro_steps_do_not_sync_gradients(tmp_path):
     # After the inner micro-step each rank holds only its own gradient; after the last one
     # DDP has averaged the accumulated gradients, so every rank holds the same.
     assert results == [[0, False, True], [1, False, True]]
+
+
+def test_two_evaluators_reporting_one_name_keep_both(tmp_path):
+    """vqa and cot both report num_questions: the later one is qualified by its evaluator's
+    name in the log and eval.json, never overwrites the first."""
+    import contextlib
+
+    from core.distributed import DistInfo
+    from core.logger import MetricsLogger
+    from core.loop import run_evaluators
+
+    class Reports:
+        def __init__(self, name, metrics):
+            self.name, self.metrics = name, metrics
+
+        def __call__(self, model, ctx):
+            return dict(self.metrics)
+
+    class Replica:  # an engine whose model is the task itself
+        def full_model(self):
+            return contextlib.nullcontext(torch.nn.Linear(1, 1))
+
+        def autocast(self):
+            return contextlib.nullcontext()
+
+    cfg = load_config("tiny_siglip", [f"run_dir={tmp_path}", "logging.wandb.mode=disabled"])
+    logger = MetricsLogger(cfg, True, 0, 5)
+    evaluators = [Reports("vqa", {"vqa_acc": 0.5, "num_questions": 600}),
+                  Reports("cot", {"cot_acc": 0.25, "num_questions": 300})]  # fmt: skip
+    dist_info = DistInfo(0, 1, 0, torch.device("cpu"))
+    metrics, stopped = run_evaluators(evaluators, cfg, dist_info, Replica(), logger, 5)
+    expected = {"vqa_acc": 0.5, "num_questions": 600, "cot_acc": 0.25, "cot/num_questions": 300}
+    assert not stopped and metrics == expected
+    assert json.loads((tmp_path / "eval.json").read_text()) == {"step": 5, **expected}

@@ -350,3 +350,37 @@ def test_the_cot_evaluator_needs_a_cot_task(vqa, tmp_path):
 
     with pytest.raises(ConfigError, match="set data.cot_format"):
         vlm_task(vqa, tmp_path, **{"eval.evaluators": json.dumps(["cot"])})
+
+
+def test_the_vqa_evaluator_asks_other_shards_and_scores_the_extracted_answers(
+    vqa, cot_shards, tmp_path, monkeypatch
+):
+    """Stage 2's questions asked of a CoT model: the FineVision shards given as `data` (not the
+    task's own CoT val split), decoded as stage 2 decodes them, and each output's extracted
+    answer scored; an output out of the format is scored as it is."""
+    from core.evaluators import EvalContext, build_evaluators
+
+    task = vlm_task(vqa, tmp_path, **cot_overrides(cot_shards)).eval()
+    data = str(vqa / "{subset}" / "val-*.tar")
+    asked = []
+
+    def generate(batch, max_new_tokens, **options):
+        asked.extend(zip(batch["key"], batch["answer"]))
+        # the first question of every batch answered in the format, right; the others "red",
+        # out of the format (the whole output is then the prediction)
+        return ([f"<think>\nlooked\n</think>\n\n{batch['answer'][0]}"]
+                + ["red"] * (len(batch["key"]) - 1))  # fmt: skip
+
+    monkeypatch.setattr(task, "generate", generate)
+    ctx = EvalContext(task.cfg, DistInfo(0, 1, 0, torch.device("cpu")), 0, tmp_path)
+    ctx.cfg.eval.batch_size = 4
+    (evaluator,) = build_evaluators([{"vqa": {"data": data, "subsets": ["shapes_colour"]}}], task)
+    got = evaluator(task, ctx)
+    rows = open_shard(str(vqa / "shapes_colour" / "val-000000.tar"))
+    answers = [json.loads(rows.read(i)["json"])["texts"][0]["assistant"] for i in range(len(rows))]
+    assert sorted(a for _, a in asked) == sorted(answers)  # stage 2's questions, each once
+    firsts = list(range(0, len(answers), 4))
+    expected = len(firsts) + sum(a == "red" for i, a in enumerate(answers) if i not in firsts)
+    assert got["num_questions"] == len(answers)
+    assert got["answer_extracted"] == len(firsts) / len(answers)
+    assert got["vqa_acc"] == pytest.approx(expected / len(answers))

@@ -133,16 +133,58 @@ def test_packed_log_probs_equal_each_sequence_alone(vqa, shapes_dir, tmp_path):
         alone = []
         for pair in decoded:
             for side in ("chosen", "rejected"):
-                ids, labels = pair[f"{side}_ids"][None], pair[f"{side}_labels"][None]
-                # VLMTask's own path: its image embedding and a plain causal forward
-                embeds = task.input_embeddings(ids, pair["pixel_values"])
-                logits = task.lm(inputs_embeds=embeds).float()
-                logp = F.log_softmax(logits[0, :-1], -1)
-                target = labels[0, 1:]
-                keep = target != -100
-                alone.append(logp[keep].gather(1, target[keep, None]).sum())
-                assert counts[len(alone) - 1] == keep.sum()
+                logp, count = logp_alone(task, pair, side)
+                alone.append(logp)
+                assert counts[len(alone) - 1] == count
     torch.testing.assert_close(packed, torch.stack(alone), rtol=1e-5, atol=1e-4)
+
+
+def logp_alone(task, pair: dict, side: str) -> tuple[torch.Tensor, int]:
+    """(log-prob sum, supervised tokens) of one response by VLMTask's own path: its image
+    embedding and a plain causal forward of the one sequence, unpacked."""
+    ids, labels = pair[f"{side}_ids"][None], pair[f"{side}_labels"][None]
+    embeds = task.input_embeddings(ids, pair["pixel_values"])
+    logits = task.lm(inputs_embeds=embeds).float()
+    logp = F.log_softmax(logits[0, :-1], -1)
+    target = labels[0, 1:]
+    keep = target != -100
+    return logp[keep].gather(1, target[keep, None]).sum(), int(keep.sum())
+
+
+def test_preference_evaluator_ranks_every_held_out_pair_by_the_implicit_reward(
+    vqa, shapes_dir, tmp_path
+):
+    from core.distributed import DistInfo
+    from core.evaluators import EvalContext, build_evaluators
+
+    task = dpo_task(vqa, shapes_dir, tmp_path, **{"eval.batch_size": 5})  # batches of 5 pairs
+    torch.manual_seed(1)
+    with torch.no_grad():  # adapters off zero: the policy differs from its reference
+        for name, param in task.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    task.eval()
+    (evaluator,) = build_evaluators(["preference"], task)
+    ctx = EvalContext(task.cfg, DistInfo(0, 1, 0, torch.device("cpu")), 0, tmp_path)
+    with torch.no_grad():
+        got = evaluator(task, ctx)
+        # Brute force: every pair of the val shard, each response alone, adapters on and off.
+        shard = open_shard(str(shapes_dir / "val-000000.tar"))
+        wins, margins = [], []
+        for i in range(len(shard)):
+            pair = task.train_decoder(shard.read(i))
+            reward = {}
+            for side in ("chosen", "rejected"):
+                policy = logp_alone(task, pair, side)[0]
+                with task.adapters_off():
+                    reference = logp_alone(task, pair, side)[0]
+                reward[side] = 0.1 * (policy - reference).item()  # beta 0.1
+            wins.append(reward["chosen"] > reward["rejected"])
+            margins.append(reward["chosen"] - reward["rejected"])
+    assert got["num_pairs"] == len(wins) == len(shard)
+    assert 0 < sum(wins) < len(wins)  # a ranking that can be wrong either way
+    assert got["preference_acc"] == sum(wins) / len(wins)
+    assert got["reward_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
 
 
 @pytest.mark.parametrize("reference", ["lora", "copy"])
@@ -273,6 +315,36 @@ def test_precomputed_reference_log_probs(vqa, shapes_dir, tmp_path):
         decoder(first)
 
 
+def test_mdpo_with_precomputed_reference_equals_the_live_reference(vqa, shapes_dir, tmp_path):
+    """mDPO's third sequence (the chosen response on the crop) has its reference log-prob in the
+    file too: the loss equals that of the same adapters with the live LoRA reference; a file
+    written without mDPO is refused by an mDPO run."""
+    mdpo = {"task.dpo.mdpo": "true"}
+    extra = precomputed(tmp_path, str(shapes_dir / "train-000000.tar"))
+    over = dpo_overrides(vqa, shapes_dir, tmp_path / "run", "precomputed", **extra, **mdpo)
+    write_reference(vqa, shapes_dir, tmp_path, over=over)
+    stored = json.loads((tmp_path / "reference.json").read_text())["samples"]
+    assert all(set(entry) == {"hash", "chosen", "rejected", "cropped"} for entry in stored.values())
+    task = dpo_task(vqa, shapes_dir, tmp_path, "precomputed", **{**extra, **mdpo})
+    live = dpo_task(vqa, shapes_dir, tmp_path, "lora", **mdpo)
+    torch.manual_seed(3)
+    with torch.no_grad():  # the same adapters, off zero, in both
+        for (name, a), (_, b) in zip(task.named_parameters(), live.named_parameters()):
+            if "lora_B" in name:
+                b.copy_(a.normal_(0, 0.3))
+    batch = task.packed_collate()(pairs(task, shapes_dir, 4))  # the writer's first batch
+    assert batch["reference_logps"].shape == (4, 3)
+    got, expected = task(batch), live(live.packed_collate()(pairs(live, shapes_dir, 4)))
+    assert abs(got.loss.item() - expected.loss.item()) < 1e-4 * abs(expected.loss.item())
+    assert got.loss.item() / 4 != pytest.approx(3 * math.log(2), abs=1e-3)  # not the first step's
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_reference(vqa, shapes_dir, plain)  # without mDPO: no crops in the file
+    task.train_decoder.reference = json.loads((plain / "reference.json").read_text())["samples"]
+    with pytest.raises(ValueError, match="none on mDPO's cropped images"):
+        pairs(task, shapes_dir, 1)
+
+
 # ---------------------------------------------------------------------------- 2 ranks
 def cli_overrides(vqa, shapes, run_dir: Path, kind: str, mode: str) -> list[str]:
     """mode: a reference (lora, copy, precomputed) or mdpo (lora + mDPO's terms)."""
@@ -280,7 +352,9 @@ def cli_overrides(vqa, shapes, run_dir: Path, kind: str, mode: str) -> list[str]
     extra = {"precomputed": written, "mdpo": {"task.dpo.mdpo": "true"}}.get(mode, {})
     return dpo_overrides(vqa, shapes, run_dir, "lora" if mode == "mdpo" else mode, **{
         "engine.kind": kind, "engine.precision": "fp32", "optim.lr": 3e-3,
-        "data.shuffle": "false", "checkpoint.every": 2, "eval.every": 0, **extra,
+        "task.dpo.sft_weight": 0.0,  # the recipe's SFT term off: the first loss is ln 2
+        "data.shuffle": "false", "checkpoint.every": 2, "checkpoint.keep": 3, "eval.every": 0,
+        **extra,
     })  # fmt: skip
 
 
@@ -330,6 +404,59 @@ def test_every_engine_agrees_with_ddp_on_2_ranks(straight, reference):
     eighths = [r["rewards/accuracies"] * 8 for r in metrics(straight / f"ddp-{reference}")
                if "loss" in r]  # fmt: skip
     assert all(abs(e - round(e)) < 1e-9 for e in eighths) and any(round(e) % 2 for e in eighths)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ENGINES)
+def test_the_copy_reference_stays_out_of_checkpoints_and_is_rebuilt(straight, kind):
+    """Mode copy: no checkpoint holds the reference (the other frozen weights, the vision
+    tower, are kept); reading the run back rebuilds it as training built it, so the held-out
+    DPO loss of `vlscale eval` equals the training run's own final evaluation."""
+    from core.consolidate import checkpoint_dir, read_state
+    from launch.evaluate import evaluate
+
+    run = straight / f"{kind}-copy"
+    saved = read_state(checkpoint_dir(run), kind)
+    assert not [k for k in saved if k.startswith("reference.")]
+    assert any(k.startswith("vision.") for k in saved) and any(k.startswith("lm.") for k in saved)
+    trained = json.loads((run / "eval.json").read_text())
+    assert trained["step"] == STEPS
+    assert evaluate(run, [{"loss": {}}])["loss"]["loss"] == pytest.approx(trained["loss"], abs=1e-6)
+
+
+def test_a_resume_with_another_rebuilt_reference_is_refused(vqa, shapes_dir, tmp_path):
+    """The reference is rebuilt from task.init_from on resume: when that run's checkpoint has
+    changed since, resuming would train against another reference; it is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from core.loop import train
+
+    first = tmp_path / "stage"
+    train(load_config("tiny_vlm_stage1", vlm_overrides(vqa, first, 2)))
+    over = dpo_overrides(vqa, shapes_dir, tmp_path / "dpo", "copy", **{"task.init_from": str(first),
+                         "optim.max_steps": 2, "checkpoint.every": 1})  # fmt: skip
+    train(load_config("tiny_vlm_stage1", over))
+    weights = first / "checkpoints" / "step_2" / "model.safetensors"
+    state = load_file(weights)
+    state["projector.proj.weight"] = state["projector.proj.weight"] + 1.0  # same size on disk
+    save_file(state, weights)
+    with pytest.raises(ConfigError, match="task.init_from=.* changed since"):
+        train(load_config("tiny_vlm_stage1", over))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", REFERENCES)
+@pytest.mark.parametrize("kind", ENGINES)
+def test_every_mode_and_engine_resumes_exactly(vqa, shapes_dir, tmp_path, straight, kind, mode):
+    """A new job resuming the uninterrupted run's step-2 checkpoint (weights, adapters,
+    optimizer, schedule, data position, RNG; the copy reference rebuilt) continues it bitwise.
+    A SIGKILL mid-run, which leaves the newest complete checkpoint to resume, is the test below
+    (one sharded case per mode that keeps state of its own)."""
+    saved = straight / f"{kind}-{mode}" / "checkpoints" / "step_2"
+    run = tmp_path / "resumed"
+    over = [*cli_overrides(vqa, shapes_dir, run, kind, mode), f"resume={saved}"]
+    assert run_cli(["train", "tiny_vlm_stage4", *over], nproc=2).wait(timeout=600) == 0
+    assert_resumed_exactly(run, straight / f"{kind}-{mode}", STEPS)
 
 
 @pytest.mark.slow

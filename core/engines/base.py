@@ -8,6 +8,24 @@ import contextlib
 import torch
 
 
+def without_rebuilt(state: dict, task) -> dict:
+    """`state` minus the task's rebuilt weights (Task.rebuilt_prefixes): what checkpoints hold."""
+    prefixes = task.rebuilt_prefixes()
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
+
+
+def check_loaded(result, task, source) -> None:
+    """A non-strict load_state_dict's result: only the task's rebuilt weights (which keep their
+    built values) may be missing from a checkpoint, and nothing may be left over."""
+    prefixes = task.rebuilt_prefixes()
+    missing = [k for k in result.missing_keys if not k.startswith(prefixes)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{source} does not fit the model: missing {missing[:5]}, unexpected "
+            f"{list(result.unexpected_keys)[:5]}"
+        )
+
+
 class Engine:
     """Subclasses set `dist`, `scheduler` (driving the optimizer whose groups hold the lr) and
     `autocast_dtype` (bf16 or None), and implement forward_backward, step, save, load,

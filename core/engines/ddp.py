@@ -22,7 +22,7 @@ from ..optim import (
     group_hyperparameters,
     restore_hyperparameters,
 )
-from .base import Engine
+from .base import Engine, check_loaded, without_rebuilt
 from .wrap import prepare
 
 
@@ -76,7 +76,8 @@ class DDPEngine(Engine):
     def save(self, directory: Path) -> None:
         if not self.dist.is_main:
             return
-        save_file(unshared(self.task.state_dict()), directory / "model.safetensors")
+        state = without_rebuilt(self.task.state_dict(), self.task)
+        save_file(unshared(state), directory / "model.safetensors")
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             directory / "optimizer.pt",
@@ -84,7 +85,7 @@ class DDPEngine(Engine):
 
     def load(self, directory: Path) -> None:
         state = load_file(directory / "model.safetensors", device=str(self.dist.device))
-        self.task.load_state_dict(state)
+        check_loaded(self.task.load_state_dict(state, strict=False), self.task, directory)
         opt = torch.load(
             directory / "optimizer.pt", map_location=self.dist.device, weights_only=True
         )

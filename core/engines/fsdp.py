@@ -30,7 +30,7 @@ from ..optim import (
     group_hyperparameters,
     restore_hyperparameters,
 )
-from .base import Engine
+from .base import Engine, check_loaded, without_rebuilt
 from .wrap import (
     EvalCopy,
     all_true,
@@ -107,21 +107,25 @@ class FSDPEngine(Engine):
 
     def save(self, directory: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.task, self.optimizer)
+        model_sd = without_rebuilt(model_sd, self.task)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory / "dcp")
         if self.dist.is_main:
             torch.save({"scheduler": self.scheduler.state_dict()}, directory / "scheduler.pt")
 
     def load(self, directory: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.task, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        # The rebuilt weights are not in the checkpoint: they keep their built values.
+        state = {"model": without_rebuilt(model_sd, self.task), "optim": optim_sd}
         dcp.load(state, checkpoint_id=directory / "dcp")
         hyper = group_hyperparameters(self.optimizer)  # this run's config's
-        set_state_dict(
+        result = set_state_dict(
             self.task,
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=not self.task.rebuilt_prefixes()),
         )
+        check_loaded(result, self.task, directory)
         restore_hyperparameters(self.optimizer, hyper)
         self.load_scheduler(torch.load(directory / "scheduler.pt", weights_only=True)["scheduler"])
 

@@ -55,6 +55,7 @@ from .wrap import (
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 TAG = "ds"  # the DeepSpeed checkpoint tag inside each step directory
+FROZEN_FILE = "frozen.safetensors"  # frozen weights DeepSpeed left out (see DeepSpeedEngine.save)
 
 
 def base_config_name(kind: str, offload: str) -> str:
@@ -270,22 +271,67 @@ class DeepSpeedEngine(Engine):
 
     # ---------------------------------------------------------------- checkpoints
 
+    # A task's rebuilt weights (Task.rebuilt_prefixes) stay out of checkpoints. DeepSpeed can
+    # only leave out every frozen parameter (exclude_frozen_parameters): the other frozen ones
+    # (e.g. stage 4's vision tower) are then written by us, to FROZEN_FILE.
+
     def save(self, directory: Path) -> None:
+        rebuilt = bool(self.task.rebuilt_prefixes())
         self.model.save_checkpoint(
             str(directory),
             tag=TAG,
             client_state={"scheduler": self.scheduler.state_dict()},
             save_latest=False,
+            exclude_frozen_parameters=rebuilt,
         )
+        if rebuilt:
+            self._save_frozen(directory / FROZEN_FILE)
 
-    def load(self, directory: Path, universal: bool = False) -> None:
+    def _kept_frozen(self) -> list[tuple[str, torch.nn.Parameter]]:
+        prefixes = self.task.rebuilt_prefixes()
+        return [(name, p) for name, p in self.task.named_parameters()
+                if not p.requires_grad and not name.startswith(prefixes)]  # fmt: skip
+
+    def _gathered(self, param: torch.nn.Parameter, modifier_rank: int | None):
+        """ZeRO-3: the full parameter inside the context (one at a time: no rank holds more)."""
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=modifier_rank)
+
+    def _save_frozen(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for name, param in self._kept_frozen():  # module order: the same collectives everywhere
+            with self._gathered(param, None):
+                if self.dist.is_main:
+                    tensors[name] = param.detach().cpu().clone()
+        if self.dist.is_main:
+            save_file(tensors, path)
+
+    def _load_frozen(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        for name, param in self._kept_frozen():
+            with self._gathered(param, 0), torch.no_grad():
+                if self.stage != 3 or self.dist.is_main:  # ZeRO-3: rank 0's copy is scattered
+                    param.copy_(tensors[name].to(param.dtype))
+
+    def load(self, directory: Path, universal: bool = False, frozen_from: Path | None = None):
         hyper = group_hyperparameters(self.base_optimizer)  # this run's config's
         self.model._config.load_universal_checkpoint = universal
+        rebuilt = bool(self.task.rebuilt_prefixes())
         _, client = self.model.load_checkpoint(
-            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
+            load_module_strict=not rebuilt,
+        )  # fmt: skip
         if client is None:
             raise RuntimeError(f"{directory}: no DeepSpeed checkpoint under tag {TAG!r}")
+        if rebuilt:
+            self._load_frozen((frozen_from or directory) / FROZEN_FILE)
         if universal:
             repair_universal_load(self.base_optimizer, hyper)
         else:
@@ -301,7 +347,7 @@ class DeepSpeedEngine(Engine):
         if self.dist.is_main and not (universal / TAG / "zero").is_dir():
             to_universal(directory, universal, self.stage)
         barrier()
-        self.load(universal, universal=True)  # the schedule comes with the model states
+        self.load(universal, universal=True, frozen_from=directory)  # with the schedule
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """Full tensors on every rank (collective): trained parameters are DeepSpeed's fp32
@@ -343,7 +389,12 @@ class DeepSpeedEngine(Engine):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=TAG)
-        return {k: v.detach().clone() for k, v in state.items()}
+        state = {k: v.detach().clone() for k, v in state.items()}
+        if (step_dir / FROZEN_FILE).is_file():  # the frozen weights beside rebuilt ones
+            from safetensors.torch import load_file
+
+            state.update({k: v.float() for k, v in load_file(step_dir / FROZEN_FILE).items()})
+        return state
 
 
 class Zero2Engine(DeepSpeedEngine):

@@ -8,6 +8,7 @@
         - vqa: {max_new_tokens: 6, every: 400}
         - linear_probe                    # what the image tower's features know (shapes)
         - cot: {max_new_tokens: 512}      # chain-of-thought format compliance and accuracy
+        - preference                      # held-out preference pairs ranked (stage 4)
 
 Each is one module with an `Evaluator` subclass (core/evaluators/base.py), registered here by
 name. Options are checked when the recipe loads: an unknown name or option names the valid ones.
@@ -24,6 +25,7 @@ from .cot import CoTEvaluator
 from .generation import GenerationEvaluator
 from .linear_probe import LinearProbeEvaluator
 from .loss import LossEvaluator
+from .preference import PreferenceEvaluator
 from .retrieval import RetrievalEvaluator
 from .scoring_classifier import ScoringClassifierEvaluator
 from .vqa import VQAEvaluator
@@ -47,6 +49,7 @@ for _cls in (ZeroshotClassificationEvaluator, ZeroshotRetrievalEvaluator):  # cl
 for _cls in (LinearProbeEvaluator, CaptioningEvaluator, ScoringClassifierEvaluator):
     register_evaluator(_cls)
 register_evaluator(CoTEvaluator)  # chain-of-thought format and answers (data.cot_format)
+register_evaluator(PreferenceEvaluator)  # held-out pairs ranked by the implicit reward
 
 
 def _entries(declared: list) -> list[tuple[str, dict]]:

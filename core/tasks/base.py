@@ -41,15 +41,17 @@ What the loop does with a task (core/loop.py), and so what each method must guar
 Optional capabilities are declared by inheriting a mixin (never probed with hasattr):
 `ImageEncoder` (linear probes), `ImageTextEmbedder` (retrieval, zero-shot; an ImageEncoder),
 `Captioner` (captioning, scoring classifier), `Generative` (VQA, generation samples, `vlscale
-generate`). `export_hf` (`vlscale export`) has a default that writes nothing beyond the full
-state dict, which the command always writes; each directory it writes should load in transformers
-alone (core/export.py: tokenizer, image processor and generation config helpers). `model_card`
-adds the kind's tags and notes to the export's README.md.
+generate`), `PreferenceScorer` (the preference evaluator). `export_hf` (`vlscale export`) has
+a default that writes nothing beyond the full state dict, which the command always writes; each
+directory it writes should load in transformers alone (core/export.py: tokenizer, image
+processor and generation config helpers). `model_card` adds the kind's tags and notes to the
+export's README.md.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from pathlib import Path
@@ -78,6 +80,7 @@ class Task(nn.Module, ABC):
     read data fields of their own), and implement the abstract methods."""
 
     kind: ClassVar[str]
+    rebuilt_digest: str = ""  # set by build_task (see rebuilt_prefixes)
     Config: ClassVar[type[TaskConfig]] = TaskConfig
     DataConfig: ClassVar[type[DataConfig]] = DataConfig
 
@@ -99,6 +102,14 @@ class Task(nn.Module, ABC):
     def default_trainable(self) -> list[str]:
         """Parameter-name patterns trained unless the recipe sets `task.trainable`."""
         return ["*"]
+
+    def rebuilt_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of frozen auxiliary weights the task rebuilds whenever it is built
+        (from `task.init_from`), that are no part of the trained model: stage 4's frozen
+        reference copy. Checkpoints and exports leave them out (a second copy of the model on
+        disk per checkpoint, for nothing); resuming keeps the built ones, and refuses to when
+        they differ from those the run started with (`rebuilt_digest`, set by build_task)."""
+        return ()
 
     def check_config(self) -> None:  # noqa: B027 - optional hook
         """Cross-field checks of this kind's config (raise ConfigError)."""
@@ -195,10 +206,13 @@ class Generative(ABC):
     `vlscale generate`)."""
 
     @abstractmethod
-    def prompt_stream(self, dist, batch_size: int, subsets: list[str]):
+    def prompt_stream(self, dist, batch_size: int, subsets: list[str], data: str = ""):
         """This rank's share of the validation questions, once: batches of prompts ready for
         `generate`, plus `key`, `source` (subset) and `answer` (reference) lists, and
-        optionally `answers` (every accepted answer of each question, for the `vqa` metrics)."""
+        optionally `answers` (every accepted answer of each question, for the `vqa` metrics).
+        `data`: a shard pattern of VQA samples in the layout of the kind's SFT data (FineVision
+        for the VLM) to ask instead of data.val: e.g. stage 2's questions asked after stage 3 or
+        4, whose own data are chains of thought or preference pairs."""
 
     @abstractmethod
     def prompt_batch(self, items: list[tuple[str, list[bytes]]]) -> dict:
@@ -207,6 +221,17 @@ class Generative(ABC):
     @abstractmethod
     def generate(self, batch: dict, max_new_tokens: int, **options) -> list[str]:
         """Decoded answers; `options` are core.models.generation.GenerationConfig fields."""
+
+
+class PreferenceScorer(ABC):
+    """Capability: ranks the two responses of a preference pair by the implicit reward of
+    preference optimisation (the `preference` evaluator). `val_stream` batches are pairs and
+    carry `pair_keys` (one unique name per pair, in batch order)."""
+
+    @abstractmethod
+    def pair_rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) implicit rewards [P] of the batch's pairs: beta x (policy log-prob
+        - reference log-prob) of each response, as the training loss defines them."""
 
 
 # ---------------------------------------------------------------------------- registry
@@ -236,7 +261,24 @@ def build_task(cfg: Config) -> Task:
     task.check_config()
     set_trainable(task, cfg.task.trainable or task.default_trainable(), cfg.task.freeze)
     task.costs = task.tower_costs()
+    task.rebuilt_digest = rebuilt_digest(task)
     return task
+
+
+def rebuilt_digest(task: Task) -> str:
+    """sha256 of the tensors under `rebuilt_prefixes` as built ("" when none; a task on the meta
+    device has no values to hash): checkpoints record it, a resume compares it."""
+    prefixes = task.rebuilt_prefixes()
+    if not prefixes:
+        return ""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(task.state_dict().items()):
+        if name.startswith(prefixes):
+            if tensor.is_meta:
+                return ""
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def set_trainable(model: nn.Module, trainable: list[str], freeze: list[str]) -> None:

@@ -82,15 +82,17 @@ def make_stream(
     )
 
 
-def val_mixture(cfg: Config, subsets: list[str] | None = None) -> dict | None:
+def val_mixture(cfg: Config, subsets: list[str] | None = None, pattern: str = "") -> dict | None:
     """Each validation subset once: `subsets`, default the training mixture's. None where
-    data.val has no `{subset}` pattern; an error where it has one and no subset is named."""
-    if "{subset}" not in cfg.data.val:
+    the shard pattern (`pattern`, default data.val) has no `{subset}`; an error where it has one
+    and no subset is named."""
+    pattern = pattern or cfg.data.val
+    if "{subset}" not in pattern:
         return None
     chosen = list(subsets or cfg.data.mixture)
     if not chosen:
         raise ConfigError(
-            f"data.val={cfg.data.val!r} has a {{subset}} pattern but no subsets: set "
+            f"{pattern!r} has a {{subset}} pattern but no subsets: set "
             "data.mixture or the evaluator's subsets option"
         )
     return dict.fromkeys(chosen)

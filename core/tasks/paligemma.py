@@ -217,10 +217,10 @@ class PaliGemmaTask(Task, Generative, ImageEncoder):
             self.tokenizer.pad_token_id, self.processor.image_id, self.model.num_image_tokens
         )
 
-    def prompt_stream(self, dist, batch_size: int, subsets: list[str]):
+    def prompt_stream(self, dist, batch_size: int, subsets: list[str], data: str = ""):
         return make_stream(
-            self.cfg, dist, self.cfg.data.val, self.eval_decoder, train=False,
-            collate=self.prompt_collate(), mixture=val_mixture(self.cfg, subsets),
+            self.cfg, dist, data or self.cfg.data.val, self.eval_decoder, train=False,
+            collate=self.prompt_collate(), mixture=val_mixture(self.cfg, subsets, data),
             batch_size=batch_size,
         )  # fmt: skip
 

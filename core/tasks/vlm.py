@@ -152,6 +152,8 @@ class VLMTask(Task, Generative, ImageEncoder):
                 self.processor, max_seq_len=d.max_seq_len, **common
             )
             self.eval_decoder = VLMEvalDecoder(self.processor, **common)
+        # Questions in the SFT layout whatever this stage reads (prompt_stream's `data`).
+        self.question_decoder = VLMEvalDecoder(self.processor, **common)
 
     def blocks(self) -> dict[str, nn.ModuleList]:
         return {"vision": self.vision.blocks, "lm": self.lm.layers}
@@ -353,10 +355,11 @@ class VLMTask(Task, Generative, ImageEncoder):
         )  # fmt: skip
 
     # ------------------------------------------------------------------ generation
-    def prompt_stream(self, dist, batch_size: int, subsets: list[str]):
+    def prompt_stream(self, dist, batch_size: int, subsets: list[str], data: str = ""):
+        decoder = self.question_decoder if data else self.eval_decoder
         return make_stream(
-            self.cfg, dist, self.cfg.data.val, self.eval_decoder, train=False,
-            collate=self.prompt_collate(), mixture=val_mixture(self.cfg, subsets),
+            self.cfg, dist, data or self.cfg.data.val, decoder, train=False,
+            collate=self.prompt_collate(), mixture=val_mixture(self.cfg, subsets, data),
             batch_size=batch_size,
         )  # fmt: skip
 

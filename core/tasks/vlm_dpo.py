@@ -31,18 +31,20 @@ The reference model (`task.dpo.reference`):
   reference and it would stop being the model the pairs are scored against.
 - `copy`: a frozen copy of the projector and LM (`reference.*`, taken after `init_from` is
   loaded) for a fully fine-tuned LM. It is a module of the task, so engines shard it (its own
-  unit under FSDP) and give it no optimizer state (it never trains); checkpoints hold it (resume
-  is exact; leaving it out of them is not done) and the Hugging Face export directories leave
-  it out (`vlscale export`'s full state dict keeps it). The vision tower must stay frozen: both
-  models read it.
+  unit under FSDP) and give it no optimizer state (it never trains). Checkpoints and exports
+  leave it out (`rebuilt_prefixes`): every build of the task rebuilds it from init_from, and a
+  resume whose rebuilt copy differs from the one the run started with (init_from changed) is
+  refused (core/loop.py, check_rebuilt). The vision tower must stay frozen: both models read
+  it.
 - `precomputed`: the reference log-probs of every pair of data.train and data.val, images
-  included, read from
-  `task.dpo.reference_logps`, a JSON file `precompute_reference_logps` writes (by default beside
-  the shards) from the policy as it starts. It holds the model's hash (every weight of the
-  starting model but LoRA adapters, which start as a no-op) and each pair's (its image bytes and
-  both rendered sequences): a file of another model is a ConfigError when the task is built, a
-  pair whose hash differs (other shards, template, tokenizer) stops the run, and a pair the file
-  lacks is skipped and counted (BadSample "no_reference_logps"). No reference forward runs.
+  included, read from `task.dpo.reference_logps`, a JSON file `precompute_reference_logps`
+  writes (by default beside the shards) from the policy as it starts (with mDPO, also the chosen
+  response's on the crop, which the sample key draws: the same crop every time). It holds the
+  model's hash (every weight of the starting model but LoRA adapters, which start as a no-op)
+  and each pair's (its image bytes and both rendered sequences): a file of another model is a
+  ConfigError when the task is built, a pair whose hash differs (other shards, template,
+  tokenizer) stops the run, and a pair the file lacks is skipped and counted (BadSample
+  "no_reference_logps"). No reference forward runs.
 
 Metrics, TRL's names, over the micro-batch's pairs of every rank (one all-reduce in training;
 the last micro-batch's under gradient accumulation): rewards/chosen, rewards/rejected,
@@ -74,14 +76,14 @@ from ..config import Config, ConfigError
 from ..data.chat import IGNORE, ChatProcessor, VLMDecoder
 from ..data.cot import cot_images, read_cot_record
 from ..data.errors import BadSample
-from ..data.packing import ROW_MULTIPLE, check_image_count, first_fit_decreasing
+from ..data.packing import ROW_MULTIPLE, balanced_rows, check_image_count
 from ..data.preference_sources import preference_fields
 from ..data.shards import open_shard
 from ..data.stream import expand_urls
 from ..flops import TowerCost
 from ..losses import DPO_KINDS, dpo_loss
 from ..models.vlm import splice_images
-from .base import TaskOutput, register_task
+from .base import PreferenceScorer, TaskOutput, register_task
 from .common import vision_lm_costs
 from .vlm import VLMConfig, VLMDataConfig, VLMTask, on_meta
 
@@ -120,7 +122,7 @@ class VLMDPOConfig(VLMConfig):
 
 
 @register_task
-class VLMDPOTask(VLMTask):
+class VLMDPOTask(VLMTask, PreferenceScorer):
     kind = "vlm_dpo"
     Config = VLMDPOConfig
     DataConfig = VLMDataConfig
@@ -169,11 +171,6 @@ class VLMDPOTask(VLMTask):
             raise ConfigError("task.kind=vlm_dpo reads preference pairs: unset data.cot_format")
         if t.dpo.loss not in DPO_KINDS:
             raise ConfigError(f"task.dpo.loss={t.dpo.loss!r}; the kinds are {DPO_KINDS}")
-        if t.dpo.mdpo and t.dpo.reference == "precomputed":
-            raise ConfigError(
-                "task.dpo.mdpo with reference precomputed is not supported (the file holds no "
-                "log-probs on cropped images): use reference lora or copy"
-            )
         if t.dpo.sft_weight < 0:
             raise ConfigError(f"task.dpo.sft_weight={t.dpo.sft_weight} must be >= 0")
 
@@ -182,6 +179,10 @@ class VLMDPOTask(VLMTask):
         if self.cfg.task.dpo.reference == "copy":
             blocks["reference"] = self.reference.lm.layers  # frozen: one FSDP unit
         return blocks
+
+    def rebuilt_prefixes(self) -> tuple[str, ...]:
+        # the copy is init_from's projector and LM, rebuilt by every build of this task
+        return ("reference.",) if self.cfg.task.dpo.reference == "copy" else ()
 
     def tokens_per_sample(self) -> dict[str, int]:
         tokens = super().tokens_per_sample()
@@ -257,22 +258,34 @@ class VLMDPOTask(VLMTask):
         """Pairs: the loss is a sum of per-pair losses."""
         return float(batch["num_pairs"])
 
-    def forward(self, batch: dict) -> TaskOutput:
-        d = self.cfg.task.dpo
+    def pair_logps(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """(policy, reference, log-prob sums, supervised token counts), each [P, sides]; policy
+        and reference are what the loss compares (IPO's per-token means, else the sums)."""
         features = self.vision_features(batch["pixel_values"])  # once per image
         embeds = pair_embeddings(self.lm, self.projector, batch, features, self.image_token_id)
         ref_logps = self.reference_logps(batch, features, embeds)
         logps, counts = sequence_logps(self.lm, embeds, batch)
-        if d.loss == "ipo":  # IPO's per-token means (core/losses.py)
+        if self.cfg.task.dpo.loss == "ipo":  # IPO's per-token means (core/losses.py)
             policy, reference = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
         else:
             policy, reference = logps, ref_logps
         sides = batch["sides"]
-        policy, reference = policy.view(-1, sides), reference.view(-1, sides)
-        logps, counts = logps.view(-1, sides), counts.view(-1, sides)
-        out = dpo_loss(policy[:, CHOSEN], policy[:, REJECTED], reference[:, CHOSEN],
-                       reference[:, REJECTED], beta=d.beta, kind=d.loss,
-                       label_smoothing=d.label_smoothing)  # fmt: skip
+        return tuple(t.view(-1, sides) for t in (policy, reference, logps, counts))
+
+    def pair_loss(self, policy: torch.Tensor, reference: torch.Tensor):
+        d = self.cfg.task.dpo
+        return dpo_loss(policy[:, CHOSEN], policy[:, REJECTED], reference[:, CHOSEN],
+                        reference[:, REJECTED], beta=d.beta, kind=d.loss,
+                        label_smoothing=d.label_smoothing)  # fmt: skip
+
+    def pair_rewards(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.pair_loss(*self.pair_logps(batch)[:2])
+        return out.chosen_rewards, out.rejected_rewards
+
+    def forward(self, batch: dict) -> TaskOutput:
+        d = self.cfg.task.dpo
+        policy, reference, logps, counts = self.pair_logps(batch)
+        out = self.pair_loss(policy, reference)
         loss = out.losses.sum()
         extra = {}
         if d.mdpo:  # sigmoid terms, as mDPO's (whatever task.dpo.loss is)
@@ -400,14 +413,15 @@ class _PreferenceDecoder(VLMDecoder):
 
 class PreferenceTrainDecoder(_PreferenceDecoder):
     """Raw pair -> {"pixel_values" [n, 3, S, S], "chosen_ids", "chosen_labels", "rejected_ids",
-    "rejected_labels" (int64)}: prompt + each response rendered as a one-turn SFT sample
-    (labels on the response and its end-of-turn token). BadSample reasons: those of reading
+    "rejected_labels" (int64), "pair_key"}: prompt + each response rendered as a one-turn SFT
+    sample (labels on the response and its end-of-turn token). BadSample reasons: those of reading
     (missing_json, bad_json, missing_<field>, empty_<field>, same_responses,
     image_count_mismatch, too_many_images, special_token_in_text, bad_image) and too_long
     (either sequence over max_seq_len: skipped, never truncated).
 
-    With `reference` (mode `precomputed`: {pair_key: {"hash", "chosen", "rejected"}}) it adds
-    "reference_logps" (float32 [2]: chosen, rejected) and "sample_hash", and a pair the table
+    With `reference` (mode `precomputed`: {pair_key: {"hash", "chosen", "rejected"[,
+    "cropped"]}}) it adds "reference_logps" (float32 [2]: chosen, rejected; [3] with mDPO's
+    crops: + the chosen response on them) and "sample_hash", and a pair the table
     lacks is BadSample("no_reference_logps"); a pair whose hash differs is a ValueError (the
     run stops: the table is of other data). `hash_samples` adds "sample_hash" alone."""
 
@@ -422,7 +436,7 @@ class PreferenceTrainDecoder(_PreferenceDecoder):
 
     def __call__(self, sample: dict) -> dict:
         _, fields, images = self._read(sample)
-        out = {}
+        out: dict = {"pair_key": pair_key(sample)}
         for side in ("chosen", "rejected"):
             turn = [{"user": fields["prompt"], "assistant": fields[side]}]
             ids, labels = self.processor.encode(turn, len(images))
@@ -442,7 +456,13 @@ class PreferenceTrainDecoder(_PreferenceDecoder):
                     "another sample (other shards, chat template, tokenizer or data settings): "
                     "write them again with precompute_reference_logps"
                 )
-            out["reference_logps"] = torch.tensor([entry["chosen"], entry["rejected"]])
+            sides = ["chosen", "rejected"] + (["cropped"] if self.crop else [])
+            if self.crop and "cropped" not in entry:
+                raise ValueError(
+                    f"sample {pair_key(sample)}: the precomputed reference log-probs hold none "
+                    "on mDPO's cropped images: write them again from this (task.dpo.mdpo) recipe"
+                )
+            out["reference_logps"] = torch.tensor([entry[side] for side in sides])
         pixels = self._pixels(images)
         if self.crop:
             if not images:
@@ -485,11 +505,12 @@ class PreferencePromptDecoder(_PreferenceDecoder):
 
 class PreferenceCollate:
     """Pairs -> one packed batch, both sequences of every pair packed like SFT samples
-    (first-fit-decreasing rows, a segment per sequence): input_ids / labels / segment_ids /
-    sequence_ids [R, L] (sequence sides * pair + side; -1 on padding), pixel_values [N, 3, S, S]
-    (each pair's images once, pair by pair; then, with mDPO, their crops), image_index [M] (the
-    image at each image-pad block, row-major: a pair's images appear twice), and host-side
-    counts `num_pairs`, `sides` (2, or 3: mDPO's chosen sequence on the crops),
+    (balanced rows, core/data/packing.py; a segment per sequence): input_ids / labels /
+    segment_ids / sequence_ids [R, L] (sequence sides * pair + side; -1 on padding),
+    pixel_values [N, 3, S, S] (each pair's images once, pair by pair; then, with mDPO, their
+    crops), image_index [M] (the image at each image-pad block, row-major: a pair's images
+    appear twice), and host-side counts `num_pairs`, `pair_keys`, `sides` (2, or 3: mDPO's
+    chosen sequence on the crops),
     `num_samples` (pairs), `real_tokens`, `supervised_tokens`."""
 
     def __init__(self, max_seq_len: int, pad_id: int, image_token_id: int, tokens_per_image: int):
@@ -514,7 +535,7 @@ class PreferenceCollate:
                 crop_first += n
             first += n
         lengths = [len(ids) for ids, _, _, _ in sequences]
-        rows = first_fit_decreasing(lengths, self.max_seq_len)
+        rows = balanced_rows(lengths, self.max_seq_len, multiple=ROW_MULTIPLE)
         used = max(sum(lengths[i] for i in row) for row in rows)
         width = min(self.max_seq_len, -(-used // ROW_MULTIPLE) * ROW_MULTIPLE)
         shape = (len(rows), width)
@@ -549,6 +570,7 @@ class PreferenceCollate:
             "pixel_values": pixel_values,
             "image_index": torch.tensor(image_index, dtype=torch.long),
             "num_pairs": len(pairs),
+            "pair_keys": [p["pair_key"] for p in pairs],
             "sides": sides,
             "num_samples": len(pairs),
             "real_tokens": sum(lengths),
@@ -637,9 +659,10 @@ def precompute_reference_logps(task: VLMDPOTask, out: str | Path | None = None,
         features = task.vision_features(batch["pixel_values"])
         embeds = pair_embeddings(task.lm, task.projector, batch, features, task.image_token_id)
         logps = sequence_logps(task.lm, embeds, batch)[0].tolist()
+        sides = batch["sides"]  # 3 with mDPO: the chosen response on the crops too
         for i, (key, pair) in enumerate(zip(keys, pairs)):
-            samples[key] = {"hash": pair["sample_hash"], "chosen": logps[2 * i],
-                            "rejected": logps[2 * i + 1]}  # fmt: skip
+            entry = dict(zip(("chosen", "rejected", "cropped"), logps[sides * i : sides * (i + 1)]))
+            samples[key] = {"hash": pair["sample_hash"], **entry}
 
     keys, pairs = [], []
     with off:
