@@ -1,7 +1,7 @@
 """VLM training throughput: vlscale (own model + packing) vs the SiQ-VL stack (transformers).
 
     python benchmarks/vlm_vs_hf.py [--steps 8 --batch-size 16 --max-seq-len 1024 --threads 1
-                                    --profile]
+                                    --profile | --packing-only | --attention-only]
 
 One tiny configuration, the same initial weights and the same samples in the same order on both
 sides, SiQ-VL's stage 2 (vision tower frozen; projector and LM trained), fp32, CPU, one torch
@@ -16,7 +16,8 @@ Both towers are built by transformers from these configs and saved; vlscale load
 checkpoints (model.vision / model.text), and the projector's initial weights are copied.
 
 vlscale: `VLMTask` (logits only at supervised positions) + its `PackedCollate`
-(first-fit-decreasing into rows of `--max-seq-len`) + `train_step` with the ddp engine.
+(`balanced_rows`: first-fit-decreasing's number of rows of `--max-seq-len`, balanced so the
+longest row is as short as possible) + `train_step` with the ddp engine.
 SiQ-VL stack: `SiglipVisionModel` + `nn.Linear` projector after the same pixel shuffle +
 `Qwen2ForCausalLM` (SDPA attention), glued as SiQ-VL's `SiQ_VLForCausalLM.forward` does it
 (vision under no_grad, image features written into the image-pad positions of the input
@@ -39,6 +40,11 @@ backward, clipping, optimizer and scheduler: everything its loop does); vlscale'
 packing. Machine noise hits both alike. Throughput is supervised tokens (next-token targets whose
 label is not -100, the same count on both sides) per wall second over the steps after
 `--warmup`. `--profile` then splits one forward + backward of each side by kind of op.
+
+`--packing-only` trains nothing: it packs the same batches first-fit-decreasing and balanced and
+prints, side by side, the packing efficiency (real tokens / (rows x width)) of each, with the
+best any packing into rows of equal width could reach. `--attention-only` times the packed
+attention of a typical batch (see `attention_report`).
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from PIL import Image
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from core.data.packing import IGNORE
+from core.data.packing import IGNORE, ROW_MULTIPLE, balanced_rows, first_fit_decreasing
 from core.data.tokenizer import DEFAULT_SYSTEM_PROMPT, ENDOFTEXT, IM_END, QWEN_SPECIAL_TOKENS
 from core.distributed import init_distributed
 from core.engines import build_engine
@@ -92,6 +98,17 @@ def parse_args() -> argparse.Namespace:
         "process stall on each other whenever another process takes a core",
     )
     p.add_argument("--profile", action="store_true", help="then profile one step of each side")
+    only = p.add_mutually_exclusive_group()
+    only.add_argument(
+        "--packing-only",
+        action="store_true",
+        help="no training: packing efficiency of the batches, first-fit-decreasing vs balanced",
+    )
+    only.add_argument(
+        "--attention-only",
+        action="store_true",
+        help="no training: packed attention, dense mask vs per segment",
+    )
     return p.parse_args()
 
 
@@ -373,6 +390,115 @@ def profile_breakdown(fwd_bwd, vocab: int) -> dict[str, float]:
     return parts
 
 
+def packing_report(chunks: list[list[dict]], args) -> None:
+    """Packing efficiency, real tokens / (rows x width), of each batch and over the timed ones:
+    first-fit-decreasing (the packer before `balanced_rows`) and balanced, as the collate widens
+    them (the longest row rounded up to ROW_MULTIPLE). "bound": no packing into equal rows of at
+    most --max-seq-len does better: ceil(total / max-seq-len) rows at least, each at least as
+    wide as the longest sample and as total / rows."""
+    cap = args.max_seq_len
+
+    def width(load: int) -> int:
+        return min(cap, -(-load // ROW_MULTIPLE) * ROW_MULTIPLE)
+
+    def area(lengths: list[int], rows: list[list[int]]) -> tuple[int, int]:
+        widest = max(sum(lengths[i] for i in row) for row in rows)
+        return len(rows), width(widest)
+
+    print(
+        f"packing {len(chunks)} batches of {args.batch_size} samples into rows of {cap} "
+        f"(width: longest row rounded up to {ROW_MULTIPLE}); batch {args.warmup} on are timed"
+    )
+    header = "| batch | tokens | longest | FFD rows x width | eff. | balanced rows x width | eff. "
+    print(header + "| bound | balanced ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    sums = {"real": 0, "ffd": 0, "balanced": 0, "bound": 0}
+    for b, chunk in enumerate(chunks):
+        lengths = [len(s["input_ids"]) for s in chunk]
+        total = sum(lengths)
+        ffd = area(lengths, first_fit_decreasing(lengths, cap))
+        start = time.perf_counter()
+        rows = balanced_rows(lengths, cap, multiple=ROW_MULTIPLE)
+        ms = 1e3 * (time.perf_counter() - start)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        balanced = area(lengths, rows)
+        fewest = -(-total // cap)
+        bound = fewest * width(max(max(lengths), -(-total // fewest)))
+        print(
+            f"| {b:5} | {total:6} | {max(lengths):7} | {ffd[0]:7} x {ffd[1]:6} | "
+            f"{total / (ffd[0] * ffd[1]):6.1%} | {balanced[0]:12} x {balanced[1]:6} | "
+            f"{total / (balanced[0] * balanced[1]):6.1%} | {total / bound:6.1%} | {ms:6.2f} |"
+        )
+        if b >= args.warmup:
+            sums["real"] += total
+            sums["ffd"] += ffd[0] * ffd[1]
+            sums["balanced"] += balanced[0] * balanced[1]
+            sums["bound"] += bound
+    real = sums["real"]
+    print(
+        f"\ntimed batches: packing efficiency first-fit-decreasing {real / sums['ffd']:.1%}, "
+        f"balanced {real / sums['balanced']:.1%} ({sums['ffd'] / sums['balanced']:.3f}x fewer "
+        f"positions), bound {real / sums['bound']:.1%}"
+    )
+
+
+def attention_report(chunks: list[list[dict]], args) -> None:
+    """Forward + backward of one packed attention call, the LM's shapes (4 query / 2 KV heads of
+    64, fp32), on a typical packed batch: the first batch that first-fit-decreasing packs into 4
+    rows, at width --max-seq-len. Dense: the [rows, 1, L, L] mask build_mask makes and SDPA (the
+    CPU path before per-segment attention); per segment: what `attention` does now. Interleaved
+    rounds, median each; the outputs are checked equal first."""
+    import torch.nn.functional as F
+
+    from core.models.attention import attention, build_mask
+
+    cap = args.max_seq_len
+    for chunk in chunks:
+        lengths = [len(s["input_ids"]) for s in chunk]
+        rows = first_fit_decreasing(lengths, cap)
+        if len(rows) == 4:
+            break
+    segment_ids = torch.full((len(rows), cap), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for seg, i in enumerate(row):
+            segment_ids[r, start : start + lengths[i]] = seg
+            start += lengths[i]
+    gen = torch.Generator().manual_seed(args.seed)
+    q = torch.randn(len(rows), 4, cap, 64, generator=gen, requires_grad=True)
+    k, v = (torch.randn(len(rows), 2, cap, 64, generator=gen, requires_grad=True) for _ in "kv")
+    grad = torch.randn(q.shape, generator=gen)
+
+    def dense():
+        mask = build_mask("packed", cap, cap, device=q.device, segment_ids=segment_ids)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def per_segment():
+        return attention(q, k, v, "packed", segment_ids=segment_ids)
+
+    torch.testing.assert_close(per_segment(), dense(), atol=1e-5, rtol=1e-5)
+    times: dict[str, list[float]] = {"dense": [], "per segment": []}
+    for _ in range(7):
+        for name, fn in (("dense", dense), ("per segment", per_segment)):
+            start = time.perf_counter()
+            fn().backward(grad)
+            times[name].append(time.perf_counter() - start)
+            q.grad = k.grad = v.grad = None
+    dense_s, seg_s = (statistics.median(times[name]) for name in ("dense", "per segment"))
+    real = sum(lengths)
+    scores = sum(lengths[i] ** 2 for row in rows for i in row)
+    print(
+        f"packed attention, forward + backward, q [{len(rows)}, 4, {cap}, 64], k/v 2 heads, fp32, "
+        f"threads={torch.get_num_threads()}: {len(lengths)} samples ({real} tokens, longest "
+        f"{max(lengths)}) in {len(rows)} rows of {cap}; median of 7 interleaved rounds"
+    )
+    print(f"| {'':11} | score entries / head | ms     |")
+    print(f"| {'-' * 11} | -------------------- | ------ |")
+    print(f"| {'dense mask':11} | {len(rows) * cap * cap:20,} | {1e3 * dense_s:6.1f} |")
+    print(f"| {'per segment':11} | {scores:20,} | {1e3 * seg_s:6.1f} |")
+    print(f"\nper segment is {dense_s / seg_s:.2f}x faster")
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -389,16 +515,22 @@ def main() -> None:
     write_hf_towers(root, args)
     seed_everything(args.seed)
     ours, cfg = build_ours(root, args)
-    theirs = build_theirs(root, ours)
-    dist = init_distributed()
-    engine = build_engine(ours, cfg, dist, args.lr, total)
 
     # The task's own ChatML processor and train decoder turn raw samples into ids, labels and
     # pixels (outside the timing: both sides train on the same decoded samples).
     raws = make_raw_samples(total * B, args, ours.processor, ours.vision.image_size)
     samples = [ours.train_decoder(raw) for raw in raws]
     chunks = [samples[i * B : (i + 1) * B] for i in range(total)]
-    pack = ours.packed_collate()  # first-fit-decreasing into rows of data.max_seq_len
+    if args.packing_only or args.attention_only:
+        report = packing_report if args.packing_only else attention_report
+        report(chunks, args)
+        tmp.cleanup()
+        return
+
+    theirs = build_theirs(root, ours)
+    dist = init_distributed()
+    engine = build_engine(ours, cfg, dist, args.lr, total)
+    pack = ours.packed_collate()  # balanced rows of data.max_seq_len
     pad = PadToLongest(ours.tokenizer.pad_token_id)  # the id the task packs with
 
     # Same weights, same function: the loss of the first batch on both sides.
