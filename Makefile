@@ -46,6 +46,8 @@ demo: install
 # The staged-VLM demo: the tiny_siglip demo's image tower (trained first when absent) exported in
 # Hugging Face layout, synthetic FineVision-format VQA shards, stage 1 then stage 2, a few answers.
 VQA := data/vqa
+COT := data/cot
+PREF := data/pref
 VQA_SUBSETS := shapes_colour,shapes_shape,shapes_count,shapes_position,shapes_caption,shapes_multiturn,shapes_text,shapes_two_images
 # What both VLM demos start from (each step skipped when its output exists).
 vlm-inputs: install
@@ -66,6 +68,21 @@ demo-vlm: vlm-inputs
 	$(BIN)/vlscale generate runs/tiny_vlm_stage2 --image runs/tiny_vlm_stage2/example.png \
 		--prompt "What colour is the shape at the top right?" --prompt "How many shapes are there?" \
 		--max-new-tokens 8
+	# Stage 3: chain-of-thought SFT on synthetic rows in LLaVA-CoT-100k's layout; stage 4: DPO on
+	# reasoned preference pairs in RLAIF-V's layout; each converted as the real dataset is.
+	test -f $(COT)/sizes.json || ( \
+		$(BIN)/vlscale shards synthetic-cot --out data/cot_src --rows 6000 && \
+		$(BIN)/vlscale shards llava-cot --source data/cot_src/train.jsonl --images data/cot_src \
+			--out $(COT) --val-fraction 0.05 --shard-size 500 )
+	$(BIN)/vlscale train tiny_vlm_stage3
+	test -f $(PREF)/sizes.json || ( \
+		$(BIN)/vlscale shards synthetic-preference --out data/pref_src --rows 6000 && \
+		$(BIN)/vlscale shards rlaif-v --source data/pref_src --out $(PREF) --val-fraction 0.05 \
+			--shard-size 500 )
+	$(BIN)/vlscale train tiny_vlm_stage4
+	$(BIN)/vlscale report runs/tiny_vlm_stage4
+	$(BIN)/vlscale generate runs/tiny_vlm_stage4 --image runs/tiny_vlm_stage2/example.png \
+		--prompt "What colour is the shape at the top right?" --max-new-tokens 96
 
 # The PaliGemma demo: the same tower and shards, a tiny Gemma, prefix-LM; prompts are prefixes.
 demo-paligemma: vlm-inputs
