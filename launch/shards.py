@@ -103,22 +103,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "<SUMMARY><CAPTION><REASONING><CONCLUSION> answer per image) and OUT/images/; convert "
         "them with `vlscale shards llava-cot --source OUT/train.jsonl --images OUT --out DIR`.",
     )
-    cot.add_argument("--out", type=Path, required=True)
-    cot.add_argument("--rows", type=int, required=True, help="rows (one image and question each)")
-    cot.add_argument("--seed", type=int, default=0)
-    cot.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     pref = sub.add_parser(
         "synthetic-preference",
         help="seeded shapes preference pairs, reasoned, in RLAIF-V's layout (parquet)",
         description="Write OUT/RLAIF-V-Dataset_000.parquet (openbmb/RLAIF-V-Dataset's columns): "
-        "a colour or shape question per image, chosen the true chain of thought and answer, "
-        "rejected the same with the attribute changed, both in --format (as stage 3 renders "
-        "them); convert with `vlscale shards rlaif-v --source OUT --out DIR`.",
+        "a colour question per image, chosen the true chain of thought and answer, rejected "
+        "the same with the colour changed, both in --format (as stage 3 renders them); convert "
+        "with `vlscale shards rlaif-v --source OUT --out DIR`.",
     )
-    pref.add_argument("--out", type=Path, required=True)
-    pref.add_argument("--rows", type=int, required=True, help="pairs (one image each)")
-    pref.add_argument("--seed", type=int, default=0)
-    pref.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    for parser_, rows in ((cot, "rows (one image and question each)"),
+                          (pref, "pairs (one image each)")):  # fmt: skip
+        parser_.add_argument("--out", type=Path, required=True)
+        parser_.add_argument("--rows", type=int, required=True, help=rows)
+        parser_.add_argument("--seed", type=int, default=0)
+        parser_.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     pref.add_argument("--format", choices=("think", "llava_cot"), default="think")
     finevision = sub.add_parser(
         "finevision",
