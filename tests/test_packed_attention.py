@@ -1,5 +1,6 @@
 """Packed causal attention per segment (core/models/attention.py `_per_segment`) against the
-dense-mask SDPA it replaces on CPU: the same outputs and the same gradients."""
+dense-mask SDPA it replaces on CPU: the same outputs and the same gradients; and when each path is
+taken (`_per_segment_pays`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def random_layout(rows: int, width: int, gen: torch.Generator) -> torch.Tensor:
     return segment_ids
 
 
+@pytest.fixture
+def always_per_segment(monkeypatch):
+    """Short test rows would take the dense path (faster there): force the per-segment one."""
+    monkeypatch.setattr(attn, "PER_SEGMENT_MIN_LEN", 0)
+    monkeypatch.setattr(attn, "_max_score_share", lambda width: 1.0)
+
+
 def dense(q, k, v, segment_ids, scale):
     mask = build_mask("packed", q.shape[2], k.shape[2], device=q.device, segment_ids=segment_ids)
     gqa = q.shape[1] != k.shape[1]
@@ -35,7 +43,7 @@ def dense(q, k, v, segment_ids, scale):
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
-def test_per_segment_equals_dense_mask_with_gradients(kv_heads, dtype, atol):
+def test_per_segment_equals_dense_mask_with_gradients(kv_heads, dtype, atol, always_per_segment):
     gen = torch.Generator().manual_seed(kv_heads)
     for trial in range(4):
         rows, width, dim = 3, 37 + 11 * trial, 8
@@ -54,7 +62,7 @@ def test_per_segment_equals_dense_mask_with_gradients(kv_heads, dtype, atol):
             torch.testing.assert_close(g, ref_g, atol=10 * atol, rtol=0, msg=name)
 
 
-def test_padding_outputs_their_own_value_and_segments_see_only_themselves():
+def test_padding_outputs_their_own_value_and_segments_see_only_themselves(always_per_segment):
     """Independent of build_mask: each segment computed alone with plain causal SDPA, padding
     positions equal to v (each query head reads its KV group's head)."""
     gen = torch.Generator().manual_seed(0)
@@ -71,7 +79,7 @@ def test_padding_outputs_their_own_value_and_segments_see_only_themselves():
         torch.testing.assert_close(out[0, :, pos], v[0, [0, 0, 1, 1], pos], atol=0, rtol=0)
 
 
-def test_cpu_packed_causal_skips_the_dense_mask(monkeypatch):
+def test_cpu_packed_causal_skips_the_dense_mask(monkeypatch, always_per_segment):
     """The equality above would hold trivially if the dense path still ran: it must not for a
     causal packed row on CPU, and must for prefix-LM packing (mask_ar) and decoding (T < S)."""
 
@@ -88,3 +96,31 @@ def test_cpu_packed_causal_skips_the_dense_mask(monkeypatch):
         attention(q[:, :, -1:], k, v, "packed", segment_ids=segment_ids)
     with pytest.raises(ValueError, match="needs segment_ids"):
         attention(q, k, v, "packed")
+
+
+@pytest.mark.parametrize(
+    "width, segment_len, per_segment",
+    [
+        (128, 16, False),  # narrow rows: one dense call is faster
+        (256, 64, True),  # wide rows of short samples: per segment
+        (256, 192, False),  # 0.56 of the dense scores: the per-call overhead dominates
+        (512, 256, True),  # half of them at twice the width: per segment
+        (512, 512, False),  # one sample a row: the segments need all the dense scores
+        (1024, 1000, False),  # one long sample in each row: 0.95 of the dense scores
+        (1024, 200, True),
+    ],
+)
+def test_per_segment_only_where_it_pays(monkeypatch, width, segment_len, per_segment):
+    """The dispatch follows the measured crossover (PER_SEGMENT_MIN_LEN, the share of the dense
+    scores the segments need, `_max_score_share`), and both paths give the same output."""
+    taken = []
+    real = attn._per_segment
+    monkeypatch.setattr(attn, "_per_segment", lambda *a: taken.append(True) or real(*a))
+    segment_ids = torch.full((2, width), -1, dtype=torch.long)
+    for start in range(0, width - segment_len + 1, segment_len):
+        segment_ids[:, start : start + segment_len] = start // segment_len
+    gen = torch.Generator().manual_seed(width)
+    q, k, v = (torch.randn(2, h, width, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    out = attention(q, k, v, "packed", segment_ids=segment_ids)
+    assert bool(taken) is per_segment
+    torch.testing.assert_close(out, dense(q, k, v, segment_ids, None), atol=1e-12, rtol=0)

@@ -11,8 +11,9 @@ Mask kinds:
                  1 = causal token) or, for a prefix at the row start, by `prefix_len` [B]
   packed         several sequences in one row, given by `segment_ids` [B, T] (-1 = padding);
                  nothing across segments; inside a segment causal, or prefix-LM per sample
-                 when `mask_ar` is given. Causal packed rows on CPU skip the dense mask:
-                 SDPA per segment (`_per_segment`), the same function at the segments' cost
+                 when `mask_ar` is given. Wide causal packed rows on CPU skip the dense
+                 mask: SDPA per segment (`_per_segment`), the same function at the
+                 segments' cost (`_per_segment_pays` says when that is faster)
 
 One rule builds every causal and prefix-LM mask (`ar_mask`, big_vision's): position i sees j
 when cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]. Prefix tokens share a group, so they see each
@@ -114,7 +115,9 @@ def attention(
         if segment_ids is None:
             raise ValueError("mask_kind='packed' needs segment_ids [B, T]")
         if q.device.type == "cpu":
-            return _per_segment(q, k, v, segment_ids, scale, dropout_p)
+            runs = _segment_runs(segment_ids)
+            if _per_segment_pays(runs, T):
+                return _per_segment(q, k, v, runs, scale, dropout_p)
     mask = build_mask(
         mask_kind, T, S, device=q.device, prefix_len=prefix_len,
         segment_ids=segment_ids, key_padding=key_padding, mask_ar=mask_ar,
@@ -124,7 +127,41 @@ def attention(
     )
 
 
-def _per_segment(q, k, v, segment_ids, scale, dropout_p):
+# Below this width one dense SDPA call beats a call per segment; above it, per segment wins unless
+# the segments need most of the row's [T, T] scores anyway, a share that grows with the width as
+# the per-call overhead weighs less (2 CPU threads, q [4, 4, T, 64], GQA 2 KV heads, forward +
+# backward: T = 128 dense 1.25x faster; T = 256 per segment 1.1-1.3x faster with samples of
+# ~32-96 tokens, 1.05x slower at half the dense scores; T = 512 per segment 1.1x faster even at
+# 0.84 of them; T = 1024 2.6-4.5x). `benchmarks/packed_attention.py`, BENCHMARKS.md "Attention".
+PER_SEGMENT_MIN_LEN = 256
+
+
+def _max_score_share(width: int) -> float:
+    return min(0.9, width / 512)
+
+
+def _segment_runs(segment_ids: torch.Tensor) -> list[tuple[list[int], list[int]]]:
+    """Per row: the ids and lengths of its runs of equal segment id (read on the host)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    runs = []
+    for row, row_starts in zip(segment_ids, starts):
+        begin = torch.nonzero(row_starts).flatten()
+        sizes = torch.diff(begin, append=begin.new_tensor([row.shape[0]]))
+        runs.append((row[begin].tolist(), sizes.tolist()))
+    return runs
+
+
+def _per_segment_pays(runs: list[tuple[list[int], list[int]]], width: int) -> bool:
+    """Whether SDPA per segment is faster than the dense mask on CPU: rows of at least
+    PER_SEGMENT_MIN_LEN whose segments need at most `_max_score_share` of the dense scores."""
+    if width < PER_SEGMENT_MIN_LEN:
+        return False
+    scores = sum(n * n for ids, sizes in runs for seg, n in zip(ids, sizes) if seg >= 0)
+    return scores <= _max_score_share(width) * len(runs) * width * width
+
+
+def _per_segment(q, k, v, runs, scale, dropout_p):
     """Packed rows without the dense [T, T] mask: causal SDPA on each segment alone, so attention
     costs the sum of the segments' squares instead of rows x T^2. Computes what the dense mask
     does (tests/test_packed_attention.py): a segment is a contiguous run of equal id, as in the
@@ -138,14 +175,9 @@ def _per_segment(q, k, v, segment_ids, scale, dropout_p):
     2.13.)"""
     groups = q.shape[1] // k.shape[1]
     gqa = groups > 1
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     rows = []
     # [1, H, T, D] rows, not unbind's [H, T, D]: CPU SDPA is ~2.5x slower on 3-d inputs
-    for b, (qb, kb, vb) in enumerate(zip(q.split(1), k.split(1), v.split(1))):
-        begin = torch.nonzero(starts[b]).flatten()
-        ids = segment_ids[b, begin].tolist()
-        sizes = torch.diff(begin, append=begin.new_tensor([q.shape[2]])).tolist()
+    for (ids, sizes), qb, kb, vb in zip(runs, q.split(1), k.split(1), v.split(1)):
         pieces = []
         for seg, qs, ks, vs in zip(
             ids, qb.split(sizes, dim=2), kb.split(sizes, dim=2), vb.split(sizes, dim=2)
