@@ -510,8 +510,9 @@ def test_cli_subcommands(rlaif_v_dir, tmp_path, images_dir, capsys):
 
 def test_synthetic_reasoned_pairs_in_rlaif_v_layout(tmp_path, capsys):
     """`vlscale shards synthetic-preference` then `rlaif-v`, the demo's stage-4 data: stage 2's
-    colour questions, both responses in stage 3's think format, the rejected one's answer (and
-    the shape it describes) of the wrong colour, nothing else changed."""
+    colour questions, both responses in stage 3's think format, the rejected one's answer of a
+    wrong colour (a different one from row to row): in even rows the shape it describes too (a
+    hallucination), in odd rows the answer alone (a conclusion its reasoning does not give)."""
     from core.data.cot import parse_output
     from core.data.synthetic import COLOURS, questions
 
@@ -522,7 +523,7 @@ def test_synthetic_reasoned_pairs_in_rlaif_v_layout(tmp_path, capsys):
     with tarfile.open(out / "train-000000.tar") as tar:
         records = [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
     assert len(records) == 6
-    asked_about = []
+    asked_about, wrong_colours = [], set()
     for record in records:
         index = int(record["idx"])
         _, scene = make_sample(0, "preference", index)
@@ -533,6 +534,14 @@ def test_synthetic_reasoned_pairs_in_rlaif_v_layout(tmp_path, capsys):
         assert asked[record["prompt"]] == truth  # a stage-2 question, answered by the scene
         chosen, rejected = (parse_output("think", record[s]) for s in ("chosen", "rejected"))
         names = list(COLOURS)
-        assert chosen == truth and rejected == names[(names.index(truth) + 1) % len(names)]
-        assert record["rejected"] == record["chosen"].replace(truth, rejected)
+        shift = 1 + (index // 2) % (len(names) - 1)
+        assert chosen == truth and rejected == names[(names.index(truth) + shift) % len(names)]
+        if index % 2 == 0:  # hallucination: every mention of the colour changed
+            assert record["rejected"] == record["chosen"].replace(truth, rejected)
+        else:  # conclusion: the reasoning kept, only what follows </think> changed
+            reasoning, answer = record["chosen"].rsplit("</think>", 1)
+            assert record["rejected"] == reasoning + "</think>" + answer.replace(truth, rejected)
+            assert truth in reasoning and rejected not in reasoning
+        wrong_colours.add(rejected)
     assert not all(asked_about)  # not always the first shape
+    assert len(wrong_colours) > 2  # not always the next colour

@@ -550,20 +550,34 @@ RLAIF_V_COLUMNS = ("ds_name", "image", "question", "chosen", "rejected", "origin
                    "origin_split", "idx", "image_path")  # fmt: skip
 
 
-def reasoned_preference(record: dict, kind: str, which: int = 0, fmt: str = "think") -> dict:
+PREFERENCE_ERRORS = ("hallucination", "conclusion")
+
+
+def reasoned_preference(record: dict, kind: str, which: int = 0, fmt: str = "think",
+                        error: str = "hallucination", shift: int = 1) -> dict:  # fmt: skip
     """A preference pair over the colour or shape (`kind`) of a scene's shape `which`, both
     responses reasoned in CoT format `fmt` as stage 3 renders them (core/data/cot.py): chosen
-    the true chain of thought, rejected the same with that attribute changed throughout (the
-    shape asked about misdescribed, the answer wrong): a hallucination, as RLAIF-V's rejected
-    responses are."""
+    the true chain of thought; rejected the same with that attribute replaced by the one
+    `shift` places on in the attribute's list, either throughout (`error="hallucination"`: the
+    shape misdescribed and the answer wrong, as RLAIF-V's rejected responses are) or in the
+    final answer only (`"conclusion"`: right reasoning, an answer that does not follow from it).
+
+    Why both: with hallucinations alone every rejected answer repeats its reasoning, and DPO
+    taught the demo model to answer something other than what it had just reasoned (stage 3's
+    colour 0.92 -> 0.71 after stage 4); conclusion errors make answering what the reasoning
+    says the preferred behaviour (BENCHMARKS.md, stages 3 and 4)."""
     from core.data.cot import render_target
 
-    wrong = json.loads(json.dumps(record))
+    if error not in PREFERENCE_ERRORS:
+        raise ValueError(f"error must be one of {PREFERENCE_ERRORS}, got {error!r}")
     names = list(COLOURS) if kind == "colour" else list(SHAPES)
+    if shift % len(names) == 0:
+        raise ValueError(f"shift {shift} gives back the true {kind}")
+    wrong = json.loads(json.dumps(record))
     asked = wrong["shapes"][which % len(wrong["shapes"])]
-    asked[kind] = names[(names.index(asked[kind]) + 1) % len(names)]
+    asked[kind] = names[(names.index(asked[kind]) + shift) % len(names)]
     responses = []
-    for scene in (record, wrong):
+    for rejected, scene in enumerate((record, wrong if error == "hallucination" else record)):
         cot = chain_of_thought(scene, kind, which)
         parts = cot_parts(scene, cot)
         reasoned = {
@@ -572,6 +586,8 @@ def reasoned_preference(record: dict, kind: str, which: int = 0, fmt: str = "thi
             "answer": cot["answer"],
             "reasoning_parts": dict(zip(("summary", "caption", "reasoning"), parts)),
         }
+        if rejected:
+            reasoned["answer"] = asked[kind]
         responses.append(render_target(fmt, reasoned).text)  # fmt: skip
     return {"question": chain_of_thought(record, kind, which)["question"], "chosen": responses[0],
             "rejected": responses[1]}  # fmt: skip
@@ -582,8 +598,9 @@ def write_rlaif_v_parquet(out_dir: str | Path, rows: int, seed: int, image_size:
     """Write `rows` shapes scenes (split "preference": none of the other splits' scenes) as
     openbmb/RLAIF-V-Dataset's parquet (`out_dir/RLAIF-V-Dataset_000.parquet`, its columns),
     row i a `reasoned_preference` pair over the colour of shape i (modulo the count: every
-    shape in turn; colour only: the demo model perceives colour, and shape stays at chance
-    whatever stage 4 does, so shape pairs teach a ranking it cannot see), for
+    shape in turn), a hallucination in even rows and a wrong conclusion in odd ones (colour
+    only: the demo model perceives colour, and shape stays at chance whatever stage 4 does, so
+    shape pairs teach a ranking it cannot see), for
     `vlscale shards rlaif-v --source OUT` to convert as it converts the real dataset."""
     from datasets import Dataset, Features, Value
     from datasets import Image as ImageFeature
@@ -593,7 +610,10 @@ def write_rlaif_v_parquet(out_dir: str | Path, rows: int, seed: int, image_size:
     columns: dict[str, list] = {name: [] for name in RLAIF_V_COLUMNS}
     for index in range(rows):
         jpeg, record = make_sample(seed, "preference", index, image_size)
-        pair = reasoned_preference(record, "colour", index, fmt)
+        # odd rows: a wrong conclusion from right reasoning; the wrong colour varies by row
+        error = PREFERENCE_ERRORS[index % 2]
+        shift = 1 + (index // 2) % (len(COLOURS) - 1)
+        pair = reasoned_preference(record, "colour", index, fmt, error, shift)
         row = {"ds_name": "shapes", "image": {"bytes": jpeg, "path": None}, **pair,
                "origin_dataset": "shapes", "origin_split": json.dumps({"format": fmt}),
                "idx": str(index), "image_path": f"shapes/{index:09d}.jpg"}  # fmt: skip
