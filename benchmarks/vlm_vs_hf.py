@@ -446,12 +446,8 @@ def attention_report(chunks: list[list[dict]], args) -> None:
     """Forward + backward of one packed attention call, the LM's shapes (4 query / 2 KV heads of
     64, fp32), on a typical packed batch: the first batch that first-fit-decreasing packs into 4
     rows, at width --max-seq-len. Dense: the [rows, 1, L, L] mask build_mask makes and SDPA (the
-    CPU path before per-segment attention); per segment: what `attention` does now. Interleaved
-    rounds, median each; the outputs are checked equal first."""
-    import torch.nn.functional as F
-
-    from core.models.attention import attention, build_mask
-
+    CPU path before per-segment attention); per segment: SDPA per sample (`time_both` in
+    packed_attention.py: interleaved rounds, median each; the outputs are checked equal first)."""
     cap = args.max_seq_len
     for chunk in chunks:
         lengths = [len(s["input_ids"]) for s in chunk]
@@ -464,27 +460,9 @@ def attention_report(chunks: list[list[dict]], args) -> None:
         for seg, i in enumerate(row):
             segment_ids[r, start : start + lengths[i]] = seg
             start += lengths[i]
-    gen = torch.Generator().manual_seed(args.seed)
-    q = torch.randn(len(rows), 4, cap, 64, generator=gen, requires_grad=True)
-    k, v = (torch.randn(len(rows), 2, cap, 64, generator=gen, requires_grad=True) for _ in "kv")
-    grad = torch.randn(q.shape, generator=gen)
+    from packed_attention import time_both  # benchmarks/ is on sys.path for a script
 
-    def dense():
-        mask = build_mask("packed", cap, cap, device=q.device, segment_ids=segment_ids)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-    def per_segment():
-        return attention(q, k, v, "packed", segment_ids=segment_ids)
-
-    torch.testing.assert_close(per_segment(), dense(), atol=1e-5, rtol=1e-5)
-    times: dict[str, list[float]] = {"dense": [], "per segment": []}
-    for _ in range(7):
-        for name, fn in (("dense", dense), ("per segment", per_segment)):
-            start = time.perf_counter()
-            fn().backward(grad)
-            times[name].append(time.perf_counter() - start)
-            q.grad = k.grad = v.grad = None
-    dense_s, seg_s = (statistics.median(times[name]) for name in ("dense", "per segment"))
+    dense_s, seg_s = time_both(segment_ids, torch.Generator().manual_seed(args.seed))
     real = sum(lengths)
     scores = sum(lengths[i] ** 2 for row in rows for i in row)
     print(

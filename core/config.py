@@ -130,6 +130,9 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     every: int = 10  # steps between metrics rows (metrics.jsonl, wandb, tensorboard)
+    # Step 1 logged too, as transformers' `logging_first_step`: its loss checks the setup
+    # (ln 2 for DPO with policy = reference, about ln(vocabulary) for a fresh LM).
+    first_step: bool = False
     # Rank 0's progress on stderr: a tqdm bar when stderr is a terminal, otherwise (a SLURM log,
     # `> log 2>&1`) one plain line per metrics row; plus one line per evaluation. false: neither.
     progress: bool = True

@@ -134,7 +134,8 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
                 nonfinite_in_a_row = 0
             window.add(time.perf_counter() - t0, result)
 
-            if step % cfg.logging.every == 0 or step == steps:
+            first = step == 1 and cfg.logging.first_step
+            if first or step % cfg.logging.every == 0 or step == steps:
                 metrics = {
                     "loss": result.loss,
                     **{"lr" if k == "default" else f"lr/{k}": v for k, v in engine.lrs.items()},

@@ -246,3 +246,20 @@ def test_bf16_run_and_wandb_run_id_survives_resume(shapes, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [6, 8]  # keep=2
+
+
+def test_first_step_logged_only_when_asked(shapes, tmp_path):
+    """logging.first_step adds step 1 to the rows of `logging.every`, with step 1's own loss:
+    the first row of a run logged every step (the same seed and data) has that loss too."""
+    from core.loop import train
+
+    runs = {}
+    for name, extra in (("every4", {"logging.every": 4}),
+                        ("first", {"logging.every": 4, "logging.first_step": "true"}),
+                        ("each", {"logging.every": 1})):  # fmt: skip
+        runs[name] = tmp_path / name
+        train(load_config("tiny_siglip", tiny_overrides(shapes, runs[name], 8, **extra)))
+    steps = {name: [r["step"] for r in metrics(run) if "loss" in r] for name, run in runs.items()}
+    assert steps["every4"] == [4, 8] and steps["first"] == [1, 4, 8]
+    loss = {name: [r["loss"] for r in metrics(run) if "loss" in r] for name, run in runs.items()}
+    assert loss["first"][0] == loss["each"][0] and loss["first"][1:] == loss["every4"]

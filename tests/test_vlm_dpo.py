@@ -69,6 +69,21 @@ def test_the_first_loss_is_ln_2_with_policy_equal_to_reference(
     assert task.loss_weight(batch) == 4
     assert out.metrics["rewards/margins"].item() == 0.0
     assert out.metrics["logps/chosen"].item() < 0
+    assert out.metrics["dpo_loss"].item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_the_sft_term_is_logged_apart_from_the_preference_loss(vqa, shapes_dir, tmp_path):
+    """With the SFT term (the demo's sft_weight 1.0) the first loss is not ln 2, but its
+    `dpo_loss` is, and `sft_loss` is each chosen response's mean token NLL, computed here from
+    per-sequence log-probs: loss = pairs x (dpo_loss + weight x sft_loss)."""
+    task = dpo_task(vqa, shapes_dir, tmp_path, "lora", **{"task.dpo.sft_weight": 0.5})
+    batch = task.packed_collate()(pairs(task, shapes_dir, 4))
+    out = task(batch)
+    _, _, logps, counts = task.pair_logps(batch)
+    nll = (-logps[:, 0] / counts[:, 0]).mean().item()  # side 0: chosen
+    assert out.metrics["dpo_loss"].item() == pytest.approx(math.log(2), abs=1e-6)
+    assert out.metrics["sft_loss"].item() == pytest.approx(nll, rel=1e-5)
+    assert out.loss.item() == pytest.approx(4 * (math.log(2) + 0.5 * nll), rel=1e-5)
 
 
 @pytest.mark.parametrize(

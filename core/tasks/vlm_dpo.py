@@ -287,7 +287,9 @@ class VLMDPOTask(VLMTask, PreferenceScorer):
         policy, reference, logps, counts = self.pair_logps(batch)
         out = self.pair_loss(policy, reference)
         loss = out.losses.sum()
-        extra = {}
+        # the preference term alone, per pair: ln 2 at the first step with policy = reference
+        # (sigmoid), whatever the SFT and mDPO terms add to `loss`
+        extra = {"dpo_loss": out.losses.detach().sum()}
         if d.mdpo:  # sigmoid terms, as mDPO's (whatever task.dpo.loss is)
             conditional = dpo_loss(
                 policy[:, CHOSEN],
@@ -299,10 +301,12 @@ class VLMDPOTask(VLMTask, PreferenceScorer):
             ).losses
             anchor = -F.logsigmoid(d.beta * (policy[:, CHOSEN] - reference[:, CHOSEN].detach()))
             loss = loss + conditional.sum() + anchor.sum()
-            extra = {"mdpo/conditional_loss": conditional.detach().sum(),
-                     "mdpo/anchor_loss": anchor.detach().sum()}  # fmt: skip
+            extra |= {"mdpo/conditional_loss": conditional.detach().sum(),
+                      "mdpo/anchor_loss": anchor.detach().sum()}  # fmt: skip
         if d.sft_weight:
-            loss = loss - d.sft_weight * (logps[:, CHOSEN] / counts[:, CHOSEN].clamp(min=1)).sum()
+            nll = -(logps[:, CHOSEN] / counts[:, CHOSEN].clamp(min=1)).sum()
+            loss = loss + d.sft_weight * nll
+            extra["sft_loss"] = nll.detach()  # unweighted: the chosen responses' token NLL
         metrics = self.pair_metrics(out, logps.detach(), extra)
         metrics["packing_efficiency"] = batch["real_tokens"] / batch["input_ids"].numel()
         return TaskOutput(loss=loss, samples=batch["num_pairs"],
