@@ -66,7 +66,7 @@ class CoTEvaluator(Evaluator):
 
     def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
         o = self.options
-        fmt = o.format or getattr(task.cfg.data, "cot_format", "")
+        fmt = o.format or task.answer_format()
         if not fmt:
             raise ConfigError(
                 "eval.evaluators.cot: the task renders no chain of thought; set data.cot_format "

@@ -71,7 +71,7 @@ class VQAEvaluator(Evaluator):
             return {}
         by_key = {record[0]: record for records in gathered for record in records}
         records = [by_key[k] for k in sorted(by_key)]
-        fmt = o.answer_format or getattr(task.cfg.data, "cot_format", "") or "plain"
+        fmt = o.answer_format or task.answer_format() or "plain"
         if fmt == "plain":
             return vqa_accuracy(records, o.metric)
         answers = [parse_output(fmt, output) for _, _, output, _ in records]

@@ -222,6 +222,12 @@ class Generative(ABC):
     def generate(self, batch: dict, max_new_tokens: int, **options) -> list[str]:
         """Decoded answers; `options` are core.models.generation.GenerationConfig fields."""
 
+    def answer_format(self) -> str:
+        """The chain-of-thought format the task trains its answers in (core/data/cot.py:
+        think | llava_cot; the `cot` and `vqa` evaluators extract answers from it), "" when
+        it answers directly."""
+        return ""
+
 
 class PreferenceScorer(ABC):
     """Capability: ranks the two responses of a preference pair by the implicit reward of

@@ -161,6 +161,9 @@ class VLMTask(Task, Generative, ImageEncoder):
     def tokens_per_sample(self) -> dict[str, int]:
         return {"vision": self.vision.num_tokens, "lm": self.cfg.data.max_seq_len}
 
+    def answer_format(self) -> str:
+        return self.cfg.data.cot_format
+
     def tower_costs(self) -> dict[str, TowerCost]:
         return vision_lm_costs(self.vision, self.projector, self.lm)
 
