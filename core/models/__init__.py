@@ -64,12 +64,23 @@ def from_pretrained(
     A two-tower checkpoint (a full SiglipModel) gives its vision tower, or with part="text" its
     text tower; part="text" on any other checkpoint gives the model itself. A decoder LM loads
     from its task-head (`Qwen3ForCausalLM`) or base-model (`Qwen3Model`) layout; a base one gets
-    its embeddings as vocabulary head and saves back as a base model (core/models/decoder.py)."""
+    its embeddings as vocabulary head and saves back as a base model (core/models/decoder.py).
+    Called on the meta device (`with torch.device("meta")`), it reads config.json and the
+    safetensors headers only, never the weights."""
     cfg = hub.read_config(path)
     cls = model_class(cfg["model_type"], part)
+    on_meta = hub.building_on_meta()
     with torch.device("meta"):
         model = cls.from_hf_config(cfg)
-    state = cls.hf_state_dict_from(hub.load_state_dict(path), cfg)
+    if on_meta:
+        # Shapes only: the weights are not read. Their names and shapes (the safetensors headers)
+        # still decide what the config does not record (e.g. a ViT's optional pooler).
+        state = hub.meta_state_dict(path)
+    else:
+        state = hub.load_state_dict(path)
+    if state is None:  # on meta, no weight files here: the config's shapes
+        return (model if dtype is None else model.to(dtype)).eval()
+    state = cls.hf_state_dict_from(state, cfg)
     model.load_hf_state_dict(state)
     if dtype is not None:
         model = model.to(dtype)

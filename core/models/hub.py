@@ -27,20 +27,52 @@ def read_config(path: str | Path) -> dict:
     return json.loads(cfg_file.read_text())
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, keys as stored."""
-    path = Path(path)
+def _weight_files(path: Path) -> list[Path]:
     if (path / SINGLE).is_file():
-        return load_file(path / SINGLE)
+        return [path / SINGLE]
     if (path / INDEX).is_file():
         weight_map = json.loads((path / INDEX).read_text())["weight_map"]
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            state.update(load_file(path / shard))
-        return state
+        return [path / shard for shard in sorted(set(weight_map.values()))]
     raise FileNotFoundError(
         f"{path} has no {SINGLE} or {INDEX} (only safetensors checkpoints are loaded)"
     )
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, keys as stored."""
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(Path(path)):
+        state.update(load_file(file))
+    return state
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def meta_state_dict(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """Every tensor of a checkpoint directory as a meta tensor of its dtype and shape, read from
+    the safetensors headers alone (a few KB: no weight is read); None when the weight files are
+    absent (a hub checkpoint resolved on the meta device downloads none)."""
+    try:
+        files = _weight_files(Path(path))
+    except FileNotFoundError:
+        return None
+    if not all(f.is_file() for f in files):
+        return None
+    state = {}
+    for file in files:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                state[name] = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]],
+                                          device="meta")  # fmt: skip
+    return state
 
 
 def save_state_dict(
@@ -85,11 +117,18 @@ def write_config(config: dict, path: str | Path) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def building_on_meta() -> bool:
+    """Whether models are being built on the meta device (`with torch.device("meta")`: `vlscale
+    plan`, export's consolidation): shapes only, so no weights are read or downloaded."""
+    return torch.get_default_device().type == "meta"
+
+
 def resolve(
     path_or_id: str, allow_patterns: list[str] | None = None, repo_type: str = "model"
 ) -> Path:
     """A local checkpoint directory as is, or a hub id (e.g. `Qwen/Qwen3-0.6B`) downloaded once
-    into the Hugging Face cache (safetensors, configs and tokenizer files only). `repo_type`
+    into the Hugging Face cache (safetensors, configs and tokenizer files only; while building on
+    the meta device, no safetensors: planning a 7B run must not download its 15 GB). `repo_type`
     "dataset" for a dataset repository (e.g. `clip-benchmark/wds_imagenet1k`)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
@@ -99,6 +138,8 @@ def resolve(
     from huggingface_hub import snapshot_download
 
     patterns = allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    if building_on_meta():
+        patterns = [p for p in patterns if not p.endswith(".safetensors")]
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return Path(snapshot_download(path_or_id, allow_patterns=patterns, repo_type=repo_type))
     # Once per node: local rank 0 downloads while the node's other ranks wait, then they find

@@ -100,7 +100,7 @@ class SigLIPTask(Task, ImageTextEmbedder):
                 f"{self.vision.hidden_size}, text {text_dim}; set task.embed_dim"
             )
         scale, bias = t.init_logit_scale, t.init_logit_bias
-        if self.whole:  # the checkpoint's own temperature and bias
+        if self.whole and not hub.building_on_meta():  # the checkpoint's own temperature, bias
             scale, bias = two_tower.read_logits(hub.resolve(cfg.model.vision))
         self.logit_scale = nn.Parameter(torch.tensor(float(scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(bias)))

@@ -1,0 +1,110 @@
+"""`vlscale plan` builds the task on the meta device from each checkpoint's config.json (and
+its safetensors headers when they are there): it never reads, or downloads, the weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as hf
+
+import core.models
+from core.models import hub
+from core.recipe import load_config
+from launch.plan import count_parameters, plan
+
+SUBSETS = ["shapes_colour", "shapes_shape"]
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny SigLIP vision tower and a tiny Qwen2 LM in Hugging Face layout."""
+    root = tmp_path_factory.mktemp("towers")
+    torch.manual_seed(0)
+    vision = hf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=2, image_size=32, patch_size=8,
+                                   vision_use_head=False)  # fmt: skip
+    hf.SiglipVisionModel(vision).save_pretrained(root / "vision")
+    lm = hf.Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    hf.Qwen2ForCausalLM(lm).save_pretrained(root / "lm")
+    return root / "vision", root / "lm"
+
+
+def overrides(vqa: Path, vision: Path, lm: Path, **extra) -> list[str]:
+    over = {
+        "model.vision": str(vision), "model.text": str(lm),
+        "model.tokenizer": str(vqa / "tokenizer"),
+        "model.vision_config.image_size": 48,  # a resampled position table, on meta too
+        "task.projector.image_tokens": 4,
+        "data.train": str(vqa / "{subset}" / "train-*.tar"),
+        "data.val": str(vqa / "{subset}" / "val-*.tar"),
+        "data.mixture": json.dumps(dict.fromkeys(SUBSETS, 1)),
+        "data.batch_size": 4, "data.max_seq_len": 128, **extra,
+    }  # fmt: skip
+    return [f"{k}={v}" for k, v in over.items()]
+
+
+def headers_only(tower: Path, out: Path) -> Path:
+    """A copy of a checkpoint directory whose safetensors files keep their header and lose
+    every weight (truncated after the header)."""
+    out.mkdir()
+    for f in tower.iterdir():
+        data = f.read_bytes()
+        if f.suffix == ".safetensors":
+            data = data[: 8 + int.from_bytes(data[:8], "little")]
+        (out / f.name).write_bytes(data)
+    return out
+
+
+def test_plan_reads_no_weights(vqa, towers, tmp_path):
+    """The same counts and plan from checkpoints whose weights were cut off (headers kept),
+    which a real build cannot read."""
+    from core.tasks import build_task
+
+    vision, lm = towers
+    cfg = load_config("tiny_vlm_stage1", overrides(vqa, vision, lm))
+    counts, rows = count_parameters(cfg), plan(cfg, gpus=2, gpu_mem_gib=80)
+    real = build_task(cfg)
+    params = list(real.parameters())
+    assert counts == (sum(p.numel() for p in params),
+                      sum(p.numel() for p in params if p.requires_grad))  # fmt: skip
+    broken = [headers_only(tower, tmp_path / tower.name) for tower in (vision, lm)]
+    cfg = load_config("tiny_vlm_stage1", overrides(vqa, *broken))
+    assert count_parameters(cfg) == counts and plan(cfg, gpus=2, gpu_mem_gib=80) == rows
+    from safetensors import SafetensorError
+
+    with pytest.raises(SafetensorError):  # a real build reads the weights
+        build_task(cfg)
+
+
+def test_hub_ids_download_no_weights_on_meta(monkeypatch, towers, tmp_path):
+    """A hub id resolved while building on meta asks for configs and tokenizer files only, and
+    a directory without weight files builds from its config."""
+    import huggingface_hub
+
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns, repo_type, **kwargs):
+        asked.append(allow_patterns)
+        return str(towers[1])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    hub.resolve("Qwen/Qwen2.5-7B-Instruct")
+    with torch.device("meta"):
+        assert hub.resolve("Qwen/Qwen2.5-7B-Instruct") == towers[1]
+    assert "*.safetensors" in asked[0]
+    assert asked[1] and not any(p.endswith(".safetensors") for p in asked[1])
+    assert "*.json" in asked[1]
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "config.json").write_bytes((towers[1] / "config.json").read_bytes())
+    with torch.device("meta"):
+        lm = core.models.from_pretrained(configs)
+    with torch.device("meta"):
+        weighed = core.models.from_pretrained(towers[1])
+    assert {k: v.shape for k, v in lm.state_dict().items()} == {
+        k: v.shape for k, v in weighed.state_dict().items()
+    }
