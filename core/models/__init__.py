@@ -69,19 +69,17 @@ def from_pretrained(
     safetensors headers only, never the weights."""
     cfg = hub.read_config(path)
     cls = model_class(cfg["model_type"], part)
-    on_meta = hub.building_on_meta()
     with torch.device("meta"):
         model = cls.from_hf_config(cfg)
-    if on_meta:
+    if hub.building_on_meta():  # the caller's device, outside the block above
         # Shapes only: the weights are not read. Their names and shapes (the safetensors headers)
-        # still decide what the config does not record (e.g. a ViT's optional pooler).
+        # still decide what the config does not record (e.g. a ViT's optional pooler); with no
+        # weight files here, the config's shapes stand.
         state = hub.meta_state_dict(path)
     else:
         state = hub.load_state_dict(path)
-    if state is None:  # on meta, no weight files here: the config's shapes
-        return (model if dtype is None else model.to(dtype)).eval()
-    state = cls.hf_state_dict_from(state, cfg)
-    model.load_hf_state_dict(state)
+    if state is not None:
+        model.load_hf_state_dict(cls.hf_state_dict_from(state, cfg))
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
