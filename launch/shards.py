@@ -108,8 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seeded shapes preference pairs, reasoned, in RLAIF-V's layout (parquet)",
         description="Write OUT/RLAIF-V-Dataset_000.parquet (openbmb/RLAIF-V-Dataset's columns): "
         "a colour question per image, chosen the true chain of thought and answer, rejected "
-        "the same with the colour changed, both in --format (as stage 3 renders them); convert "
-        "with `vlscale shards rlaif-v --source OUT --out DIR`.",
+        "the same with a wrong colour, throughout in even rows and in the final answer only in "
+        "odd ones, both in --format (as stage 3 renders them); convert with `vlscale shards "
+        "rlaif-v --source OUT --out DIR`.",
     )
     for parser_, rows in ((cot, "rows (one image and question each)"),
                           (pref, "pairs (one image each)")):  # fmt: skip
