@@ -111,3 +111,19 @@ def test_torchrun_signal_on_one_rank_stops_all_ranks_and_resumes_exactly(
     assert resume["step"] == stop["step"]
     assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, STEPS + 1))
     assert_bitwise_equal(final_params(deepspeed_run), final_params(run))
+
+
+@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+def test_torchrun_with_one_process_runs_the_sharded_engines(shards, tmp_path, kind):
+    """`torchrun --nproc_per_node=1` (one GPU, or debugging a sharded recipe): the sharded engine
+    makes its one-rank process group through torchrun's rendezvous store. With a store of its
+    own it waited forever for a server (torchrun's workers join the agent's store as clients)."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    port = str(29650 + os.getpid() % 300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+           f"--master_port={port}", "-m", "launch.cli", "train", "tiny_siglip",
+           *tiny_overrides(shards, run, 3), f"engine.kind={kind}", "eval.evaluators=[]"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3]

@@ -114,9 +114,17 @@ class EvalCopy:
 
 
 def ensure_process_group(device: torch.device) -> None:
-    """Sharded engines need a process group even on one rank (torchrun with 1 process has
-    one already; plain `python` does not)."""
+    """Sharded engines need a process group even on one rank, which init_distributed does not
+    make (plain `python`, or torchrun with one process)."""
     if tdist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=30)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun with one process: its agent serves the rendezvous store on MASTER_PORT and
+        # tells workers to join it as clients (TORCHELASTIC_USE_AGENT_STORE); a store of our own
+        # on a fresh port would wait forever for a server that never comes.
+        tdist.init_process_group(backend, init_method="env://", timeout=timeout)
         return
     with socket.socket() as s:  # a free port for the single-rank rendezvous
         s.bind(("127.0.0.1", 0))
@@ -126,11 +134,7 @@ def ensure_process_group(device: torch.device) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port))
     tdist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(minutes=30),
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout
     )
 
 
