@@ -123,7 +123,8 @@ def test_torchrun_with_one_process_runs_the_sharded_engines(shards, tmp_path, ki
     port = str(29650 + os.getpid() % 300)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
            f"--master_port={port}", "-m", "launch.cli", "train", "tiny_siglip",
-           *tiny_overrides(shards, run, 3), f"engine.kind={kind}", "eval.evaluators=[]"]  # fmt: skip
+           *tiny_overrides(shards, run, 3), f"engine.kind={kind}",
+           "eval.evaluators=[]"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3]
