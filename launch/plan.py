@@ -11,11 +11,17 @@ Offload moves the master partition and optimizer state (offload=optimizer), and 
 parameter partitions too, to CPU; FSDP's CPUOffloadPolicy moves all three.
 These formulas are what benchmarks/memory.py measures (tested within 10%).
 
-Activations per micro-batch are estimated per transformer block and token as
-(10 h + 2 i) b + heads * tokens * b bytes (inputs of norms, projections and the MLP, attention
-scores), times the blocks; activation checkpointing keeps a block's input (h b per token) for
-every checkpointed block and one block's full activations while it is recomputed. Communication
-buckets, the CUDA context and fragmentation are not counted: keep ~10-20% headroom.
+Activations per micro-batch are counted per transformer block and token from the block's own
+modules, as autograd keeps them (`block_bytes_per_token`: norms' inputs and outputs, q, k, v and
+the attention output, the MLP's up projections and activation; no T x T scores, which SDPA and
+flash attention do not keep), for data.batch_size samples each as long as the task allows, plus
+the fp32 log-probabilities at the positions where the task applies its LM head. A frozen tower
+with nothing trained before it (a frozen vision tower, stage 4's reference) keeps nothing; a
+frozen one behind a trained part (an LM behind a trained projector) keeps what its input's
+gradient needs. Activation checkpointing keeps a block's input (h b per token) for every
+checkpointed block and one block's full activations while it is recomputed. Held to measured
+forwards in tests/test_plan.py. Communication buckets, the CUDA context and fragmentation are
+not counted: keep ~10-20% headroom.
 """
 
 from __future__ import annotations
@@ -52,33 +58,76 @@ def count_parameters(cfg) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def _towers(cfg) -> list[dict]:
-    """(tokens, hidden, intermediate, heads, blocks) of each tower, from the recipe."""
+def _norm_kinds():
+    from core.models.decoder import RMSNorm
+
+    return RMSNorm, torch.nn.LayerNorm
+
+
+def block_bytes_per_token(block: torch.nn.Module, hidden: int, trained: bool, b: int) -> int:
+    """Bytes one token leaves saved for backward in one transformer block (b bytes an element),
+    counted from the block's modules as autograd saves them:
+      norms      input, output (+ the normalised tensor our RMSNorm multiplies by its weight);
+                 a frozen norm keeps only its input (its output feeds frozen projections)
+      attention  every projection of the hidden state (q, k, v) and the attention output, which
+                 SDPA / flash attention keep (no T x T scores)
+      MLP        each up projection's output and the activation's (SwiGLU: gate, up, silu(gate),
+                 their product = 4 i); frozen, the input of the down projection is not kept
+    Frozen here: the block's weights do not train but its input needs a gradient (something
+    upstream trains), as a frozen LM behind a trained projector."""
+    rms, layer_norm = _norm_kinds()
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    inter = max(max(m.weight.shape) for m in linears)
+    attention = hidden + sum(m.out_features for m in linears
+                             if m.in_features == hidden and m.out_features != inter)  # fmt: skip
+    ups = sum(1 for m in linears if m.in_features == hidden and m.out_features == inter)
+    mlp = (2 * ups if trained else 2 * ups - 1) * inter
+    norms = 0
+    for m in block.modules():
+        if isinstance(m, (rms, layer_norm)):
+            # a norm narrower than the block (Qwen3's q/k norms) runs over q and k: count the
+            # block's width for it (k is at most as wide as q)
+            kept = (3 if isinstance(m, rms) else 2) if trained else 1
+            norms += kept * hidden
+    return (norms + attention + mlp) * b
+
+
+def _towers(cfg) -> tuple[list[dict], int]:
+    """Per `blocks()` tower of the recipe's task (built on the meta device): tokens per sample,
+    width, blocks, activation bytes per token and block, and whether backward keeps them; and
+    the bytes of the log-probabilities one sample keeps at its LM head."""
     from core.tasks import build_task
 
     with torch.device("meta"):
         task = build_task(cfg)
-    towers = []
+    b = 2 if cfg.engine.precision == "bf16" else 4
     tokens_per_sample = task.tokens_per_sample()
+    keeps = task.keeps_activations()
+    towers = []
     for name, blocks in task.blocks().items():
         tower = task.get_submodule(name)
         weights = [p for p in blocks[0].parameters() if p.ndim == 2]
         hidden = getattr(tower, "hidden_size", None) or weights[0].shape[1]
-        intermediate = max(max(p.shape) for p in weights)
-        tokens = tokens_per_sample[name]
-        heads = tower.num_heads
-        towers.append(dict(tokens=tokens, hidden=hidden, intermediate=intermediate,
-                           heads=heads, blocks=len(blocks)))  # fmt: skip
-    return towers
+        trained = any(p.requires_grad for p in blocks[0].parameters())
+        per_token = block_bytes_per_token(blocks[0], hidden, trained, b)
+        towers.append(dict(name=name, tokens=tokens_per_sample[name], hidden=hidden,
+                           blocks=len(blocks), keeps=keeps[name], per_token=per_token))  # fmt: skip
+    positions, vocab = task.logits_per_sample()
+    return towers, positions * vocab * 4  # log-softmax of fp32 logits, kept for the loss
 
 
 def activations(cfg, mode: str) -> int:
-    """Estimated activation bytes of one micro-batch on one GPU."""
+    """Estimated activation bytes of one micro-batch (data.batch_size samples, each as long as
+    the task allows: `Task.tokens_per_sample`) on one GPU: the blocks of every tower whose
+    activations backward needs (`Task.keeps_activations`), and the LM head's log-probabilities
+    at the positions it computes them (`Task.logits_per_sample`)."""
     b = 2 if cfg.engine.precision == "bf16" else 4
-    total = 0
-    for t in _towers(cfg):
-        per_token = (10 * t["hidden"] + 2 * t["intermediate"]) * b + t["heads"] * t["tokens"] * b
-        block = cfg.data.batch_size * t["tokens"] * per_token
+    towers, logits = _towers(cfg)
+    total = cfg.data.batch_size * logits
+    for t in towers:
+        if not t["keeps"]:
+            continue  # frozen, nothing trained before it: run without keeping anything
+        block = cfg.data.batch_size * t["tokens"] * t["per_token"]
         block_input = cfg.data.batch_size * t["tokens"] * t["hidden"] * b
         k = max(cfg.engine.ac_every_k, 1)
         checkpointed = {"none": 0, "full": t["blocks"], "every_k": -(-t["blocks"] // k)}[mode]

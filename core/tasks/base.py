@@ -99,6 +99,19 @@ class Task(nn.Module, ABC):
         most a sample may have): what `vlscale plan` sizes activations with."""
         raise NotImplementedError(f"task.kind={self.kind} does not declare tokens_per_sample")
 
+    def keeps_activations(self) -> dict[str, bool]:
+        """Each `blocks()` tower -> whether backward needs its activations: its parameters train,
+        or something before it does (its input needs a gradient). A frozen tower with nothing
+        trained upstream keeps none (`vlscale plan`). The default: each tower reads the data
+        (its own parameters decide); tasks whose towers feed one another override it."""
+        return {name: any(p.requires_grad for p in self.get_submodule(name).parameters())
+                for name in self.blocks()}  # fmt: skip
+
+    def logits_per_sample(self) -> tuple[int, int]:
+        """(positions, vocabulary) of the LM-head logits one sample computes at most, whose
+        log-probabilities the loss keeps for backward (`vlscale plan`); (0, 0): no LM head."""
+        return 0, 0
+
     def default_trainable(self) -> list[str]:
         """Parameter-name patterns trained unless the recipe sets `task.trainable`."""
         return ["*"]

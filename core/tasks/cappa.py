@@ -292,6 +292,13 @@ class CaptionerMixin(Captioner):
         return make_stream(self.cfg, dist, urls, self.text_decoder, train=train, collate=collate,
                            batch_size=batch_size, mixture=mixture)  # fmt: skip
 
+    def captioner_activations(self, keeps: dict[str, bool]) -> dict[str, bool]:
+        """The decoder reads the image tower's tokens: it keeps activations when either trains."""
+        return {**keeps, "captioner.decoder": keeps["vision"] or keeps["captioner.decoder"]}
+
+    def captioner_logits(self) -> tuple[int, int]:
+        return self.cfg.data.max_text_len, self.captioner.decoder.lm_head.out_features
+
     def decoder_costs(self, image_width: int, upstream: bool) -> dict[str, TowerCost]:
         """Self-attention blocks on the text tokens; the cross-attention keys and values on the
         image tokens (their own cost); the logits only at targets."""
@@ -362,6 +369,12 @@ class CapPaTask(Task, CaptionerMixin, ImageEncoder):
     def tokens_per_sample(self) -> dict[str, int]:
         return {"vision": self.vision.num_tokens, "captioner.decoder": self.cfg.data.max_text_len}
 
+    def keeps_activations(self) -> dict[str, bool]:
+        return self.captioner_activations(super().keeps_activations())
+
+    def logits_per_sample(self) -> tuple[int, int]:
+        return self.captioner_logits()
+
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision(pixel_values)
 
@@ -431,6 +444,12 @@ class SigLIP2Task(SigLIPTask, CaptionerMixin):
 
     def tokens_per_sample(self) -> dict[str, int]:
         return {**super().tokens_per_sample(), "captioner.decoder": self.cfg.data.max_text_len}
+
+    def keeps_activations(self) -> dict[str, bool]:
+        return self.captioner_activations(super().keeps_activations())
+
+    def logits_per_sample(self) -> tuple[int, int]:
+        return self.captioner_logits()
 
     def image_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision(pixel_values)

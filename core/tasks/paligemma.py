@@ -134,6 +134,14 @@ class PaliGemmaTask(Task, Generative, ImageEncoder):
     def tokens_per_sample(self) -> dict[str, int]:
         return {"model.vision": self.model.vision.num_tokens, "model.lm": self.cfg.data.max_seq_len}
 
+    def keeps_activations(self) -> dict[str, bool]:
+        keeps = super().keeps_activations()
+        keeps["model.lm"] = any(p.requires_grad for p in self.parameters())  # behind the projector
+        return keeps
+
+    def logits_per_sample(self) -> tuple[int, int]:
+        return self.cfg.data.max_seq_len, self.model.lm.lm_head.out_features  # at the suffix
+
     def tower_costs(self) -> dict[str, TowerCost]:
         return vision_lm_costs(self.model.vision, self.model.projector, self.model.lm)
 

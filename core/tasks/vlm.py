@@ -161,6 +161,15 @@ class VLMTask(Task, Generative, ImageEncoder):
     def tokens_per_sample(self) -> dict[str, int]:
         return {"vision": self.vision.num_tokens, "lm": self.cfg.data.max_seq_len}
 
+    def keeps_activations(self) -> dict[str, bool]:
+        keeps = super().keeps_activations()  # the vision tower: its own (frozen: run no_grad)
+        keeps["lm"] = any(p.requires_grad for p in self.parameters())  # behind the projector
+        return keeps
+
+    def logits_per_sample(self) -> tuple[int, int]:
+        # at supervised targets only (forward): at most every position of a full row
+        return self.cfg.data.max_seq_len, self.lm.lm_head.out_features
+
     def answer_format(self) -> str:
         return self.cfg.data.cot_format
 

@@ -185,10 +185,15 @@ class VLMDPOTask(VLMTask, PreferenceScorer):
         return ("reference.",) if self.cfg.task.dpo.reference == "copy" else ()
 
     def tokens_per_sample(self) -> dict[str, int]:
-        tokens = super().tokens_per_sample()
+        # a sample is a pair: its chosen and rejected sequences, each up to a row
+        tokens = {**super().tokens_per_sample(), "lm": 2 * self.cfg.data.max_seq_len}
         if self.cfg.task.dpo.reference == "copy":
-            tokens["reference"] = self.cfg.data.max_seq_len
+            tokens["reference"] = 2 * self.cfg.data.max_seq_len
         return tokens
+
+    def logits_per_sample(self) -> tuple[int, int]:
+        positions, vocab = super().logits_per_sample()
+        return 2 * positions, vocab
 
     def default_trainable(self) -> list[str]:
         if self.cfg.task.dpo.reference == "lora":
