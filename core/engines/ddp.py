@@ -39,7 +39,11 @@ class DDPEngine(Engine):
             )
         if dist.world_size > 1:
             self.model = DistributedDataParallel(
-                task, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+                task,
+                device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                # gradients are views into the all-reduce buckets: without it every rank holds
+                # a second copy of the gradients (4 bytes per trained parameter)
+                gradient_as_bucket_view=True,
             )
         self.params = [p for p in task.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(task, cfg.optim, lr)
