@@ -18,19 +18,25 @@ from launch.plan import count_parameters, plan
 SUBSETS = ["shapes_colour", "shapes_shape"]
 
 
+def write_towers(root: Path, vision: dict, lm: dict) -> tuple[Path, Path]:
+    """A SigLIP vision tower and a Qwen2 LM of these sizes in Hugging Face layout."""
+    torch.manual_seed(0)
+    config = hf.SiglipVisionConfig(**vision, patch_size=8, vision_use_head=False)
+    hf.SiglipVisionModel(config).save_pretrained(root / "vision")
+    hf.Qwen2ForCausalLM(hf.Qwen2Config(**lm)).save_pretrained(root / "lm")
+    return root / "vision", root / "lm"
+
+
 @pytest.fixture(scope="module")
 def towers(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny SigLIP vision tower and a tiny Qwen2 LM in Hugging Face layout."""
-    root = tmp_path_factory.mktemp("towers")
-    torch.manual_seed(0)
-    vision = hf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, image_size=32, patch_size=8,
-                                   vision_use_head=False)  # fmt: skip
-    hf.SiglipVisionModel(vision).save_pretrained(root / "vision")
-    lm = hf.Qwen2Config(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
-    hf.Qwen2ForCausalLM(lm).save_pretrained(root / "lm")
-    return root / "vision", root / "lm"
+    """A tiny SigLIP vision tower and a tiny Qwen2 LM."""
+    return write_towers(
+        tmp_path_factory.mktemp("towers"),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             image_size=32),
+        dict(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2),
+    )  # fmt: skip
 
 
 def overrides(vqa: Path, vision: Path, lm: Path, **extra) -> list[str]:
@@ -116,17 +122,13 @@ def test_hub_ids_download_no_weights_on_meta(monkeypatch, towers, tmp_path):
 @pytest.fixture(scope="module")
 def wider_towers(tmp_path_factory) -> tuple[Path, Path]:
     """Towers wide enough that a forward's saved tensors dwarf autograd's own bookkeeping."""
-    root = tmp_path_factory.mktemp("wider")
-    torch.manual_seed(0)
-    vision = hf.SiglipVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                                   num_attention_heads=4, image_size=64, patch_size=8,
-                                   vision_use_head=False)  # fmt: skip
-    hf.SiglipVisionModel(vision).save_pretrained(root / "vision")
-    lm = hf.Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768,
-                        num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2)  # fmt: skip
-    hf.Qwen2ForCausalLM(lm).save_pretrained(root / "lm")
-    return root / "vision", root / "lm"
+    return write_towers(
+        tmp_path_factory.mktemp("wider"),
+        dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+             image_size=64),
+        dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2),
+    )  # fmt: skip
 
 
 def full_rows(task, rows: int, length: int) -> dict:
