@@ -241,7 +241,7 @@ def main() -> None:
     recipe = write_inputs(work, "base")
     port = 29700 + os.getpid() % 100
     numbers = model_numbers(recipe)
-    state = 16 * numbers["n_trained"] + 4 * (numbers["n_params"] - numbers["n_trained"])
+    state = model_state_bytes("ddp", 1, numbers)  # the whole model's
     acts, n = numbers["activations"] / GiB, numbers["n_params"] / 1e6
     plan_acts = numbers["planned_activations"] / GiB
     print(f"{n:.1f}M parameters, model state {state / GiB:.2f} GiB (fp32 AdamW), activations "

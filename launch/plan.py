@@ -58,12 +58,6 @@ def count_parameters(cfg) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def _norm_kinds():
-    from core.models.decoder import RMSNorm
-
-    return RMSNorm, torch.nn.LayerNorm
-
-
 def block_bytes_per_token(block: torch.nn.Module, hidden: int, trained: bool, b: int) -> int:
     """Bytes one token leaves saved for backward in one transformer block (b bytes an element),
     counted from the block's modules as autograd saves them:
@@ -75,7 +69,8 @@ def block_bytes_per_token(block: torch.nn.Module, hidden: int, trained: bool, b:
                  their product = 4 i); frozen, the input of the down projection is not kept
     Frozen here: the block's weights do not train but its input needs a gradient (something
     upstream trains), as a frozen LM behind a trained projector."""
-    rms, layer_norm = _norm_kinds()
+    from core.models.decoder import RMSNorm
+
     linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
     inter = max(max(m.weight.shape) for m in linears)
     attention = hidden + sum(m.out_features for m in linears
@@ -84,10 +79,10 @@ def block_bytes_per_token(block: torch.nn.Module, hidden: int, trained: bool, b:
     mlp = (2 * ups if trained else 2 * ups - 1) * inter
     norms = 0
     for m in block.modules():
-        if isinstance(m, (rms, layer_norm)):
+        if isinstance(m, (RMSNorm, torch.nn.LayerNorm)):
             # a norm narrower than the block (Qwen3's q/k norms) runs over q and k: count the
             # block's width for it (k is at most as wide as q)
-            kept = (3 if isinstance(m, rms) else 2) if trained else 1
+            kept = (3 if isinstance(m, RMSNorm) else 2) if trained else 1
             norms += kept * hidden
     return (norms + attention + mlp) * b
 
@@ -110,7 +105,7 @@ def _towers(cfg) -> tuple[list[dict], int]:
         hidden = getattr(tower, "hidden_size", None) or weights[0].shape[1]
         trained = any(p.requires_grad for p in blocks[0].parameters())
         per_token = block_bytes_per_token(blocks[0], hidden, trained, b)
-        towers.append(dict(name=name, tokens=tokens_per_sample[name], hidden=hidden,
+        towers.append(dict(tokens=tokens_per_sample[name], hidden=hidden,
                            blocks=len(blocks), keeps=keeps[name], per_token=per_token))  # fmt: skip
     positions, vocab = task.logits_per_sample()
     return towers, positions * vocab * 4  # log-softmax of fp32 logits, kept for the loss
