@@ -1,4 +1,5 @@
-"""A run's checkpoint (any engine) as one full fp32 state dict, in one process (no ranks).
+"""A run's checkpoint (any engine) as one full fp32 state dict, in one process (no ranks), each
+tensor read when it is asked for (core/lazy_tensors.py).
 
 Used by `vlscale export` and by a staged recipe's `task.init_from` (stage 2 starts from stage 1's
 weights whatever engine stage 1 ran). Each engine reads its own format (`read_checkpoint` in
@@ -7,6 +8,7 @@ core/engines/); DeepSpeed is imported only to read a ZeRO checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -14,6 +16,7 @@ import yaml
 
 from .checkpoint import list_checkpoints
 from .engines import engine_class
+from .lazy_tensors import LazyTensors, metas
 
 
 def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
@@ -29,13 +32,14 @@ def checkpoint_dir(run_dir: str | Path, step: int | None = None) -> Path:
     return found[step]
 
 
-def read_state(step_dir: Path, kind: str) -> dict[str, torch.Tensor]:
+def read_state(step_dir: Path, kind: str) -> LazyTensors:
     """The full fp32 model state of one checkpoint directory written by engine `kind` (its
-    class's `read_checkpoint`; an unknown kind is a ConfigError naming the engines)."""
+    class's `read_checkpoint`; an unknown kind is a ConfigError naming the engines), each tensor
+    read when asked for."""
     return engine_class(kind).read_checkpoint(Path(step_dir))
 
 
-def run_state(run_dir: str | Path, step: int | None = None) -> tuple[dict, dict]:
+def run_state(run_dir: str | Path, step: int | None = None) -> tuple[dict, LazyTensors]:
     """(the run's resolved config.yaml as a dict, its checkpoint's full state dict). A dict, not
     a Config: core/recipe.py turns it into one where the task kinds are known."""
     tree = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
@@ -43,21 +47,26 @@ def run_state(run_dir: str | Path, step: int | None = None) -> tuple[dict, dict]
 
 
 def fit_state(
-    state: dict[str, torch.Tensor], shapes: dict[str, torch.Tensor], source: str
-) -> dict[str, torch.Tensor]:
-    """`state` in the shapes of a module's state dict: FSDP2 and ZeRO-3 store 0-d parameters as
-    1-element tensors. Missing keys are an error naming them."""
+    state: Mapping[str, torch.Tensor], shapes: dict[str, torch.Tensor], source: str
+) -> Mapping[str, torch.Tensor]:
+    """`state` in the shapes of a module's state dict, fp32: FSDP2 and ZeRO-3 store 0-d
+    parameters as 1-element tensors. Missing keys are an error naming them. A LazyTensors state
+    gives LazyTensors (nothing is read here), a dict a dict."""
     missing = shapes.keys() - state.keys()
     if missing:
         raise KeyError(f"{source} lacks {len(missing)} tensors, e.g. {sorted(missing)[:5]}")
+    known = metas(state)
     wrong = [
-        f"{k}: {tuple(state[k].shape)} vs {tuple(shapes[k].shape)}"
+        f"{k}: {tuple(known[k].shape)} vs {tuple(shapes[k].shape)}"
         for k in shapes
-        if state[k].numel() != shapes[k].numel()
+        if known[k].numel() != shapes[k].numel()
     ]
     if wrong:
         raise ValueError(
             f"{source} has another architecture: {len(wrong)} tensors differ in shape "
             f"(checkpoint vs model), e.g. {'; '.join(wrong[:3])}"
         )
+    if isinstance(state, LazyTensors):
+        fitted = {k: torch.empty(shapes[k].shape, device="meta") for k in shapes}
+        return LazyTensors(fitted, lambda k: state[k].reshape(shapes[k].shape).float())
     return {k: state[k].reshape(shapes[k].shape).float() for k in shapes}

@@ -17,6 +17,7 @@ when torchvision is installed) resamples differently from PIL.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,17 @@ def _load_lines(out: Path) -> tuple[list[str], list[str], set[str]]:
                             f'subfolder="{name}")')  # fmt: skip
                 names.add("GenerationConfig")
             rows.append(f"| `{name}/` | Hugging Face checkpoint | {', '.join(parts)} |")
+        elif name == "model.safetensors.index.json":  # the task's tensors, sharded
+            shards = sorted(set(json.loads(entry.read_text())["weight_map"].values()))
+            rows.append(f"| `{name}` | every tensor of the task, in {len(shards)} shards "
+                        "(`model-*.safetensors`) | `safetensors.torch.load_file` |")  # fmt: skip
+            code += ["state = {}",
+                     f'for shard in sorted(set(json.load(open(path("{name}")))["weight_map"]'
+                     ".values())):",
+                     "    state.update(load_file(path(shard)))"]  # fmt: skip
+            names |= {"load_file", "json"}
+        elif re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
+            continue  # listed with the index
         elif name.endswith(".safetensors"):
             from safetensors import safe_open
 
@@ -189,14 +201,14 @@ def _load_lines(out: Path) -> tuple[list[str], list[str], set[str]]:
 
 
 def _imports(names: set[str]) -> list[str]:
-    lines = ["import os", ""]
+    lines = ["import json", "import os", ""] if "json" in names else ["import os", ""]
     if "load_file" in names:
         lines.append("from huggingface_hub import hf_hub_download")
     if "PeftModel" in names:
         lines.append("from peft import PeftModel")
     if "load_file" in names:
         lines.append("from safetensors.torch import load_file")
-    auto = sorted(names - {"PeftModel", "load_file"})
+    auto = sorted(names - {"PeftModel", "load_file", "json"})
     if auto:
         lines.append(f"from transformers import {', '.join(auto)}")
     return lines
@@ -226,7 +238,8 @@ def model_card(out: str | Path, cfg, *, step: int, evaluation: dict | None,
         f"from its checkpoint of step {step}.", "",
         "## Contents", "",
         "| path | what | load with |", "|---|---|---|", *rows, "",
-        "`model.safetensors` holds every tensor of the task under its vlscale module names "
+        "`model.safetensors` (or its shards) holds every tensor of the task under its vlscale "
+        "module names "
         "(`core.models.from_pretrained` also reads each Hugging Face directory).", "",
         "```python", *_imports(names), "",
         f'REPO = "{REPO}"  # this directory, or its Hub repo id', "",

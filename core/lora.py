@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import lazy_tensors
+
 ADAPTER = "default"  # peft's adapter name
 
 
@@ -80,11 +82,13 @@ def merge_lora_state(state: dict[str, torch.Tensor], alpha: float) -> dict[str, 
         else:
             merged[key.replace(".base_layer.", ".")] = value
     for module, pair in adapters.items():
-        a, b = pair["lora_A"].float(), pair["lora_B"].float()
-        weight = merged[f"{module}.weight"]
-        merged[f"{module}.weight"] = (weight.float() + (alpha / a.shape[0]) * (b @ a)).to(
-            weight.dtype
-        )
+        weight, a, b = merged[f"{module}.weight"], pair["lora_A"], pair["lora_B"]
+        scale = alpha / a.shape[0]
+        # deferred to when it is written if these are an export's stand-ins
+        merged[f"{module}.weight"] = lazy_tensors.derived(
+            lambda w, a, b, s=scale: (w.float() + s * (b.float() @ a.float())).to(w.dtype),
+            weight, a, b, like=weight,
+        )  # fmt: skip
     return merged
 
 
@@ -94,18 +98,18 @@ def write_peft_adapter(
     """A peft adapter directory (adapter_config.json + adapter_model.safetensors) for the
     submodule at `prefix` (e.g. "lm."), loadable with `PeftModel.from_pretrained` onto the
     exported base LM."""
-    from safetensors.torch import save_file
+    from .models.hub import write_safetensors
 
     tensors = {}
     for key, value in state.items():
         split = _split(key)
         if split and key.startswith(prefix):
             module = split[0][len(prefix) :]
-            tensors[f"base_model.model.{module}.{split[1]}.weight"] = value.contiguous()
+            tensors[f"base_model.model.{module}.{split[1]}.weight"] = value
     if not tensors:
         raise ValueError(f"no LoRA adapters under {prefix!r} in this checkpoint")
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     config = peft_config(lora, base_model).to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))

@@ -658,12 +658,13 @@ def test_export_gives_hf_towers_for_every_engine(straight, tmp_path):
     from safetensors.torch import load_file
 
     from core.models import from_pretrained
-    from launch.export import export
+    from launch.export import consolidated, export
 
     ref = None
     for kind in KINDS:
         out = export(straight / kind, tmp_path / kind)
         state = load_file(out / "model.safetensors")
+        assert_bitwise_equal(state, consolidated(straight / kind)[2])  # streamed = read whole
         for tower in ("vision", "text"):
             model = from_pretrained(out / tower)  # no DeepSpeed or DCP needed to read it
             for name, tensor in model.state_dict().items():

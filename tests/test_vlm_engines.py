@@ -77,3 +77,18 @@ def test_killed_lora_run_resumes_exactly(vqa, tmp_path, straight, kind):
     state = consolidated(run)[2]
     assert any("lora_A" in k for k in state) and any(k.startswith("projector.") for k in state)
     assert_bitwise_equal(consolidated(straight / kind)[2], state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zero2", "zero3"])
+def test_zero_checkpoints_read_as_deepspeeds_zero_to_fp32_reads_them(straight, kind):
+    """vlscale reads ZeRO checkpoints itself, one tensor at a time (DeepSpeed's reader
+    concatenates every ZeRO-2 partition and loads whole files); it gives bitwise what
+    zero_to_fp32 gives, trained LoRA adapters and projector, frozen vision tower and LM."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    (_, step_dir), *_ = reversed(list_checkpoints(straight / kind / "checkpoints"))
+    ours = ENGINES[kind].read_checkpoint(step_dir)
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="ds")
+    assert any("lora_A" in k for k in theirs) and any(k.startswith("vision.") for k in theirs)
+    assert_bitwise_equal(dict(ours), {k: v.float() for k, v in theirs.items()})

@@ -2,8 +2,9 @@
 
 An engine class owns everything that differs between parallelism strategies: wrapping, backward,
 the optimizer step, its checkpoint format, and, without an instance (for tools, in one process):
-  read_checkpoint(step_dir)   the full fp32 model state of one of its checkpoint directories
-                              (`vlscale export`, a staged recipe's task.init_from)
+  read_checkpoint(step_dir)   the full fp32 model state of one of its checkpoint directories,
+                              each tensor read when asked for (core/lazy_tensors.py LazyTensors:
+                              `vlscale export` streams it, a staged recipe's task.init_from)
   memory_per_rank(offload, precision, n, t, w)   bytes of params / grads / optimizer state per
                               rank, its formulas in its docstring (`vlscale plan`)
   offloads                    the engine.offload values it supports

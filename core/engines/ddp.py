@@ -16,6 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, ConfigError
 from ..distributed import DistInfo
+from ..lazy_tensors import LazyTensors
+from ..models.hub import lazy_safetensors
 from ..optim import (
     build_optimizer,
     build_scheduler,
@@ -111,10 +113,10 @@ class DDPEngine(Engine):
     offloads: tuple[str, ...] = ("none",)  # the engine.offload values DDP supports
 
     @staticmethod
-    def read_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
-        """The full fp32 model state of one checkpoint directory, offline in one process: the
-        replica rank 0 wrote (model.safetensors)."""
-        return load_file(step_dir / "model.safetensors")
+    def read_checkpoint(step_dir: Path) -> LazyTensors:
+        """The full fp32 model state of one checkpoint directory, offline in one process, one
+        tensor at a time: the replica rank 0 wrote (model.safetensors)."""
+        return lazy_safetensors([step_dir / "model.safetensors"])
 
     @staticmethod
     def memory_per_rank(offload: str, precision: str, n: int, t: int, w: int) -> dict:

@@ -9,6 +9,7 @@ so rank-0-only evaluation code cannot hang on a collective.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 
 from ..config import Config, ConfigError
 from ..distributed import DistInfo
+from ..lazy_tensors import LazyTensors
 from ..optim import (
     build_optimizer,
     build_scheduler,
@@ -150,13 +152,26 @@ class FSDPEngine(Engine):
     offloads: tuple[str, ...] = ("none", "optimizer+params")
 
     @staticmethod
-    def read_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
+    def read_checkpoint(step_dir: Path) -> LazyTensors:
         """The full fp32 model state of one checkpoint directory, offline in one process: the
-        "model" entry of its DCP directory, read without a process group."""
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+        "model" entries of its DCP directory, read without a process group one tensor at a time
+        (DCP reads the pieces of the requested tensor alone)."""
+        reader = dcp.FileSystemReader(str(step_dir / "dcp"))
+        metas = {
+            key[len("model.") :]: torch.empty(info.size, dtype=info.properties.dtype, device="meta")
+            for key, info in reader.read_metadata().state_dict_metadata.items()
+            if key.startswith("model.")
+        }
 
-        loaded = _load_state_dict_from_keys({"model"}, checkpoint_id=str(step_dir / "dcp"))
-        return {k: v.detach().clone() for k, v in loaded["model"].items()}
+        def read(key: str) -> torch.Tensor:
+            wanted = {"model": {key: torch.empty_like(metas[key], device="cpu")}}
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+                warnings.filterwarnings("ignore", "torch.distributed is disabled")
+                dcp.load(wanted, storage_reader=dcp.FileSystemReader(str(step_dir / "dcp")),
+                         no_dist=True)  # fmt: skip
+            return wanted["model"][key]
+
+        return LazyTensors(metas, read)
 
     @staticmethod
     def memory_per_rank(offload: str, precision: str, n: int, t: int, w: int) -> dict:

@@ -26,6 +26,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..distributed import DistInfo, barrier
+from ..lazy_tensors import LazyTensors, as_meta
 from ..optim import (
     build_scheduler,
     group_hyperparameters,
@@ -381,20 +383,105 @@ class DeepSpeedEngine(Engine):
     # ---------------------------------------------------------------- formats (no instance)
 
     @staticmethod
-    def read_checkpoint(step_dir: Path) -> dict[str, torch.Tensor]:
-        """The full fp32 model state of one checkpoint directory, offline in one process:
-        DeepSpeed's zero_to_fp32 merges the fp32 master partitions of every rank (ZeRO-2 and
-        ZeRO-3 alike). DeepSpeed is imported here, on the CPU accelerator unless set."""
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    def read_checkpoint(step_dir: Path) -> LazyTensors:
+        """The full fp32 model state of one checkpoint directory, offline in one process, read one
+        tensor at a time (`read_zero_checkpoint`)."""
+        return read_zero_checkpoint(step_dir)
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=TAG)
-        state = {k: v.detach().clone() for k, v in state.items()}
-        if (step_dir / FROZEN_FILE).is_file():  # the frozen weights beside rebuilt ones
-            from safetensors.torch import load_file
 
-            state.update({k: v.float() for k, v in load_file(step_dir / FROZEN_FILE).items()})
-        return state
+def read_zero_checkpoint(step_dir: Path) -> LazyTensors:
+    """A ZeRO-2 or ZeRO-3 checkpoint's full fp32 weights, each read when asked for: trainable
+    ones from the fp32 master partitions of every rank (the layout DeepSpeed's zero_to_fp32
+    reads, which first concatenates every ZeRO-2 partition and loads whole files: a second copy
+    of the model), frozen ones from the model-state files, and FROZEN_FILE's beside rebuilt
+    ones. The files are memory-mapped and unpickled with only DeepSpeed's three checkpoint
+    classes allowed (torch.load weights_only), so reading a tensor touches its bytes alone."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    def load(path: Path) -> dict:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+    def by_rank(pattern: str) -> list[Path]:
+        files = list((step_dir / TAG).glob(pattern))
+        return sorted(files, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name)[1]))
+
+    optims = [load(f)["optimizer_state_dict"] for f in by_rank("*zero_pp_rank_*_optim_states.pt")]
+    if not optims:
+        raise FileNotFoundError(f"{step_dir / TAG} holds no ZeRO optimizer states")
+    world, stage = len(optims), int(optims[0]["zero_stage"])
+    model_files = by_rank("*zero_pp_rank_*_model_states.pt") if stage == 3 else [
+        step_dir / TAG / "mp_rank_00_model_states.pt"]  # fmt: skip
+    models = [load(f) for f in model_files]
+    first = models[0]
+    metas, reads = {}, {}
+
+    def add(name: str, shape, read) -> None:
+        metas[name] = torch.empty(shape, device="meta")
+        reads[name] = read
+
+    module = first["module"]
+    for name in first["buffer_names"]:
+        buffer = module[name]
+        metas[name], reads[name] = as_meta(buffer), lambda b=buffer: b.clone()
+        if buffer.is_floating_point():
+            metas[name], reads[name] = metas[name].float(), lambda b=buffer: b.float()
+    for name, shape in (first.get("frozen_param_shapes") or {}).items():
+        if stage == 3:  # every rank's partition, padded to ceil(numel / W)
+            parts = [m["frozen_param_fragments"][name] for m in models]
+            add(name, shape, lambda p=parts, s=shape: torch.cat(p).narrow(0, 0, s.numel())
+                .view(s).float())  # fmt: skip
+        else:
+            fragment = first["frozen_param_fragments"][name]
+            add(name, shape, lambda f=fragment, s=shape: f.view(s).float())
+    if stage == 3:
+        # Each parameter is split evenly over the ranks (padded to ceil(numel / W)); a rank's
+        # partitions follow each other in the order of param_shapes, across its groups.
+        offset = 0
+        for name, shape in ((k, v) for group in first["param_shapes"] for k, v in group.items()):
+            part = math.ceil(shape.numel() / world)
+            add(name, shape, lambda o=offset, p=part, s=shape: torch.cat([
+                _span(opt["fp32_flat_groups"], o, p) for opt in optims
+            ]).narrow(0, 0, s.numel()).view(s).clone())  # fmt: skip
+            offset += part
+    else:
+        # A group's parameters lie one after another (each followed by its alignment padding)
+        # in the concatenation of every rank's partition of the group.
+        paddings = optims[0].get("param_alignment_paddings")
+        for g, group in enumerate(first["param_shapes"]):
+            parts = [opt["single_partition_of_fp32_groups"][g] for opt in optims]
+            offset = 0
+            for i, (name, shape) in enumerate(group.items()):
+                add(name, shape, lambda o=offset, p=parts, s=shape: _span(p, o, s.numel())
+                    .view(s).clone())  # fmt: skip
+                offset += shape.numel() + (paddings[g][i] if paddings else 0)
+    for name, source in (first.get("shared_params") or {}).items():
+        if source in metas:
+            metas[name], reads[name] = metas[source], reads[source]
+    state = LazyTensors(metas, lambda key: reads[key]())
+    if (step_dir / FROZEN_FILE).is_file():  # the frozen weights beside rebuilt ones
+        from ..models.hub import lazy_safetensors
+
+        frozen = lazy_safetensors([step_dir / FROZEN_FILE])
+        state = state.merged(LazyTensors({k: v.float() for k, v in frozen.metas.items()},
+                                         lambda key: frozen[key].float()))  # fmt: skip
+    return state
+
+
+def _span(chunks: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
+    """Elements start .. start + length of the concatenation of `chunks`, copying only those."""
+    pieces, at = [], 0
+    for chunk in chunks:
+        lo, hi = max(start, at), min(start + length, at + chunk.numel())
+        if lo < hi:
+            pieces.append(chunk[lo - at : hi - at])
+        at += chunk.numel()
+    if not pieces:  # an empty parameter
+        return chunks[0].new_empty(0)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
 
 
 class Zero2Engine(DeepSpeedEngine):

@@ -85,6 +85,6 @@ def from_pretrained(
     return model.eval()
 
 
-def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: int = 5 * 2**30):
+def save_pretrained(model: torch.nn.Module, path: str | Path, max_shard_bytes: int | None = None):
     hub.write_config(model.hf_config(), path)
     hub.save_state_dict(model.hf_state_dict(), path, max_shard_bytes=max_shard_bytes)

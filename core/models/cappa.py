@@ -177,4 +177,4 @@ class CapPaDecoder(nn.Module):
         return {"model_type": MODEL_TYPE, **asdict(self.config)}
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        return dict(self.state_dict())

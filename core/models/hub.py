@@ -5,13 +5,18 @@ Only safetensors are read: they cannot execute code, unlike pickled `.bin` files
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from .. import lazy_tensors
+from ..lazy_tensors import LazyTensors
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -51,6 +56,26 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def lazy_safetensors(files: list[Path]) -> LazyTensors:
+    """The tensors of safetensors files, each read when asked for (memory-mapped: the headers
+    give every name, shape and dtype without reading a weight)."""
+    metas, where = {}, {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is no mapping
+                piece = f.get_slice(name)
+                metas[name] = torch.empty(piece.get_shape(), device="meta",
+                                          dtype=SAFETENSORS_DTYPES[piece.get_dtype()])  # fmt: skip
+                where[name] = file
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(where[name]), "pt") as f:
+            return f.get_tensor(name)
+
+    return LazyTensors(metas, read)
 
 
 def meta_state_dict(path: str | Path) -> dict[str, torch.Tensor] | None:
@@ -63,32 +88,63 @@ def meta_state_dict(path: str | Path) -> dict[str, torch.Tensor] | None:
         return None
     if not all(f.is_file() for f in files):
         return None
-    state = {}
-    for file in files:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        for name, info in header.items():
-            if name != "__metadata__":
-                state[name] = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]],
-                                          device="meta")  # fmt: skip
-    return state
+    return dict(lazy_safetensors(files).metas)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], file: str | Path,
+                      metadata: dict[str, str] | None = None) -> None:  # fmt: skip
+    """One safetensors file, written one tensor at a time: the header comes from the shapes and
+    dtypes alone, then each tensor's bytes (an export's stand-ins are read as they are written,
+    core/lazy_tensors.py). Tensors that share memory (tied weights) are written once per name."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    end = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [end, end + size]}  # fmt: skip
+        end += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, tensor in tensors.items():
+            data = lazy_tensors.value(tensor.detach()).cpu()
+            if data.shape != tensor.shape or data.dtype != tensor.dtype:
+                raise ValueError(f"{name}: read {tuple(data.shape)} {data.dtype} for "
+                                 f"{tuple(tensor.shape)} {tensor.dtype}")  # fmt: skip
+            f.write(data.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
+_max_shard_bytes = MAX_SHARD_BYTES
+
+
+@contextlib.contextmanager
+def shards_of(max_bytes: int):
+    """Checkpoints written inside (every tower of an export) are sharded at `max_bytes`."""
+    global _max_shard_bytes
+    previous, _max_shard_bytes = _max_shard_bytes, max_bytes
+    try:
+        yield
+    finally:
+        _max_shard_bytes = previous
 
 
 def save_state_dict(
-    state: dict[str, torch.Tensor], path: str | Path, max_shard_bytes: int = 5 * 2**30
+    state: dict[str, torch.Tensor], path: str | Path, max_shard_bytes: int | None = None
 ) -> None:
-    """Write `state` as one safetensors file, or shards + index when larger than max_shard_bytes."""
+    """Write `state` as one safetensors file, or shards + index when larger than max_shard_bytes
+    (default: 5GB, or what `shards_of` set), in transformers' layout, one tensor at a time."""
+    max_shard_bytes = max_shard_bytes or _max_shard_bytes
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     # A previous export in the same place must not shadow this one (a stale single file would be
     # read before a new index).
     for old in [*path.glob("model*.safetensors"), path / INDEX]:
         old.unlink(missing_ok=True)
-    # safetensors refuses shared storage (tied weights) and non-contiguous views: copy out.
-    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    size = total = 0
     for key, tensor in state.items():
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
@@ -96,17 +152,17 @@ def save_state_dict(
             size = 0
         shards[-1][key] = tensor
         size += nbytes
+        total += nbytes
     meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], path / SINGLE, metadata=meta)
+        write_safetensors(shards[0], path / SINGLE, metadata=meta)
         return
     weight_map = {}
     n = len(shards)
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{n:05d}.safetensors"
-        save_file(shard, path / name, metadata=meta)
+        write_safetensors(shard, path / name, metadata=meta)
         weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / INDEX).write_text(json.dumps(index, indent=2))
 

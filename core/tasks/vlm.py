@@ -36,6 +36,7 @@ from ..data.packing import PackedCollate, PromptCollate, supervised_targets
 from ..export import save_generation_config, save_image_processor, save_tokenizer
 from ..flops import TowerCost, segment_square_sum
 from ..lora import LoraConfig, add_lora, has_lora, merge_lora_state, write_peft_adapter
+from ..models import hub
 from ..models.generation import generate
 from ..models.vlm import Projector, choose_shuffle, splice_images
 from .base import Generative, ImageEncoder, Task, TaskOutput, register_task
@@ -281,12 +282,10 @@ class VLMTask(Task, Generative, ImageEncoder):
         export`). lm/ and lm_base/ carry the tokenizer, whose default chat template renders
         prompts as training did (ChatProcessor.export_template), and a generation config that
         stops at the end-of-turn token."""
-        from safetensors.torch import save_file
-
         models.save_pretrained(self.vision, out / "vision")
         save_image_processor(self.vision, out / "vision", crop=self.eval_decoder.load_image.crop)
-        projector = {k: v.contiguous() for k, v in state.items() if k.startswith("projector.")}
-        save_file(projector, out / "projector.safetensors")
+        projector = {k: v for k, v in state.items() if k.startswith("projector.")}
+        hub.write_safetensors(projector, out / "projector.safetensors")
         lm_state = {k[3:]: v for k, v in state.items() if k.startswith("lm.")}
         alpha = self.cfg.task.lora.alpha
         for name, weights in (("lm", merge_lora_state(lm_state, alpha)),

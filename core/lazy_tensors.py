@@ -1,0 +1,127 @@
+"""Tensors read one at a time, when they are needed: a checkpoint larger than memory is exported
+tensor by tensor.
+
+`LazyTensors` is a checkpoint's tensors as a read-only mapping. Its keys and every tensor's shape
+and dtype (`meta(key)`) come from the files' headers; `lazy[key]` reads that one tensor. Every
+engine's `read_checkpoint` returns one (core/engines/), so code that wants everything still
+writes `dict(lazy)`.
+
+`StandIns` let the ordinary module code of an export run on weights that are never all in memory.
+A stand-in has a tensor's shape and dtype over a single element (a 1-element tensor expanded,
+stride 0: a few bytes, and a storage of its own that identifies it), registered with the function
+that reads its value. Modules are loaded with stand-ins (`load_state_dict(assign=True)`) and their
+`hf_state_dict()`s rename, filter and compose them as usual, since they only pass tensors around;
+the safetensors writer (core/models/hub.py) asks `value(t)` for each tensor as it writes it.
+Arithmetic on a stand-in would compute on its placeholder element: `derived(fn, *inputs)` defers
+it (LoRA merging, core/lora.py), and while stand-ins are active the writer refuses any tensor that
+is not one, so a computation that slipped through fails instead of writing placeholder values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+
+class LazyTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors, each read when asked for (`read(key)`); `meta(key)` is its shape
+    and dtype as a meta tensor, known without reading it."""
+
+    def __init__(self, metas: dict[str, torch.Tensor], read: Callable[[str], torch.Tensor]):
+        self.metas, self._read = metas, read
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.metas:
+            raise KeyError(key)
+        return self._read(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.metas)
+
+    def __len__(self) -> int:
+        return len(self.metas)
+
+    def meta(self, key: str) -> torch.Tensor:
+        return self.metas[key]
+
+    def merged(self, other: LazyTensors) -> LazyTensors:
+        """Both: `other`'s tensors where both have a key."""
+        mine = self
+
+        def read(key: str) -> torch.Tensor:
+            return other[key] if key in other.metas else mine[key]
+
+        return LazyTensors({**self.metas, **other.metas}, read)
+
+
+def metas(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Every tensor's shape and dtype without reading a lazy one."""
+    return state.metas if isinstance(state, LazyTensors) else state
+
+
+def as_meta(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+
+
+class StandIns:
+    """The stand-ins of one export (see the module docstring); `with stand_ins.active():` makes
+    the writer resolve them."""
+
+    def __init__(self):
+        # storage address -> (shape, dtype, read, the 1-element tensor keeping the address taken)
+        self._reads: dict[int, tuple[torch.Size, torch.dtype, Callable, torch.Tensor]] = {}
+
+    def stand_in(self, meta: torch.Tensor, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+        fill = float("nan") if meta.is_floating_point() else 0
+        one = torch.full((1,) * meta.dim(), fill, dtype=meta.dtype)
+        self._reads[one.untyped_storage().data_ptr()] = (meta.shape, meta.dtype, read, one)
+        return one.expand(meta.shape)
+
+    def is_stand_in(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in self._reads
+
+    def value(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The real tensor `tensor` stands for (also through a reshape or detach of it)."""
+        if not self.is_stand_in(tensor):
+            raise ValueError(
+                f"a {tuple(tensor.shape)} {tensor.dtype} tensor to be written is no stand-in: it "
+                "was computed from one's placeholder (use lazy_tensors.derived for arithmetic on "
+                "weights an export streams)"
+            )
+        shape, dtype, read, _ = self._reads[tensor.untyped_storage().data_ptr()]
+        if tensor.numel() != shape.numel() or tensor.dtype != dtype:
+            raise ValueError(f"a slice or cast of a {tuple(shape)} {dtype} stand-in cannot be read")
+        value = read()
+        if self.is_stand_in(value) or value.shape != shape or value.dtype != dtype:
+            raise ValueError(f"read {tuple(value.shape)} {value.dtype} for a {tuple(shape)} "
+                             f"{dtype} stand-in")  # fmt: skip
+        return value.reshape(tensor.shape)
+
+    @contextlib.contextmanager
+    def active(self):
+        global _active
+        previous, _active = _active, self
+        try:
+            yield self
+        finally:
+            _active = previous
+
+
+_active: StandIns | None = None
+
+
+def value(tensor: torch.Tensor) -> torch.Tensor:
+    """What the writer writes for `tensor`: the tensor itself, or while stand-ins are active the
+    value it stands for."""
+    return tensor if _active is None else _active.value(tensor)
+
+
+def derived(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, like: torch.Tensor):
+    """fn(*inputs), computed now, or when any input is an active stand-in, a stand-in (shape and
+    dtype of `like`) that computes it from their values when it is written."""
+    if _active is None or not any(_active.is_stand_in(t) for t in inputs):
+        return fn(*inputs)
+    stand_ins = _active
+    return stand_ins.stand_in(as_meta(like), lambda: fn(*(stand_ins.value(t) for t in inputs)))
