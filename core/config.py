@@ -118,6 +118,9 @@ class EngineConfig:
 class CheckpointConfig:
     every: int = 1000  # steps; 0 = only at the end
     keep: int = 3
+    # At the end of the run rank 0 writes RUN_DIR/export from the final checkpoint, as `vlscale
+    # export` (streamed: one tensor in memory at a time); the other ranks are done by then.
+    export: bool = False
 
 
 @dataclass

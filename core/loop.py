@@ -174,6 +174,10 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
     if dist.is_main:
         write_report(run_dir)
     distributed.barrier()
+    if cfg.checkpoint.export and dist.is_main:  # after the barrier: nobody waits on a collective
+        from .streamed_export import export_run
+
+        log.info("exported to %s", export_run(run_dir, run_dir / "export"))
     return eval_metrics
 
 

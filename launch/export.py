@@ -14,20 +14,16 @@ the run's config; OUT/README.md a model card (Hub front matter, how to load each
 training data, the run's last evaluation, the config). Reading the result needs only
 safetensors: DeepSpeed is imported only to consolidate a ZeRO checkpoint, DCP only for FSDP.
 
-Streaming: the task is built on the meta device and loaded with stand-ins (core/lazy_tensors.py);
-each tensor is read from the checkpoint (any engine's format) when the file it belongs to is
-written, so the export's memory is about its largest tensor whatever the model's size. Files
-larger than --max-shard-size (default 5GB) are written as shards with an index
-(model-00001-of-0000N.safetensors + model.safetensors.index.json, as transformers writes them).
+The export streams, one tensor at a time (core/streamed_export.py): its memory is about the
+largest tensor whatever the model's size. Files larger than --max-shard-size (default 5GB) are
+written as shards with an index, as transformers writes them. `checkpoint.export: true` exports
+a run to RUN_DIR/export when it ends.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -82,53 +78,12 @@ def consolidated(run_dir: str | Path, step: int | None = None):
     return task, cfg, state
 
 
-def streamed(run_dir: str | Path, step: int | None, stand_ins):
-    """As `consolidated`, but every weight of the task is a stand-in that reads its tensor from
-    the checkpoint when it is written (core/lazy_tensors.py): nothing is read here. The weights
-    the task rebuilds are left on the meta device (an export leaves them out)."""
-    from core.consolidate import fit_state, run_state
-    from core.engines.base import check_loaded
-    from core.recipe import config_from_dict
-    from core.tasks import build_task
-
-    tree, state = run_state(run_dir, step)
-    cfg = config_from_dict(tree)
-    with torch.device("meta"):
-        task = build_task(cfg)
-    rebuilt = task.rebuilt_prefixes()
-    shapes = {k: v for k, v in task.state_dict().items() if not (rebuilt and k.startswith(rebuilt))}
-    lazy = fit_state(state, shapes, f"{run_dir} checkpoint")
-    state = {k: stand_ins.stand_in(lazy.meta(k), lambda k=k: lazy[k]) for k in lazy}
-    check_loaded(task.load_state_dict(state, assign=True, strict=False), task, run_dir)
-    return task, cfg, state
-
-
 def export(run_dir: str | Path, out: str | Path, step: int | None = None,
            max_shard_bytes: int = hub.MAX_SHARD_BYTES) -> Path:  # fmt: skip
-    """Write OUT one tensor at a time: each is read from the checkpoint when its file is
-    written, so the peak memory is about the largest tensor, whatever the model's size."""
-    from core.consolidate import checkpoint_dir
-    from core.export import model_card
-    from core.lazy_tensors import StandIns
+    """OUT, written one tensor at a time (core/streamed_export.py)."""
+    from core.streamed_export import export_run
 
-    if step is None:  # the newest checkpoint's, step_<N>
-        step = int(checkpoint_dir(run_dir).name.rsplit("_", 1)[1])
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with StandIns().active() as stand_ins, hub.shards_of(max_shard_bytes):
-        task, cfg, state = streamed(run_dir, step, stand_ins)
-        task.export_hf(tmp, state)
-        hub.save_state_dict(state, tmp)
-    (tmp / "config.yaml").write_text(cfg.to_yaml())
-    evaluation = Path(run_dir) / "eval.json"
-    evaluation = json.loads(evaluation.read_text()) if evaluation.is_file() else None
-    card = model_card(tmp, cfg, step=step, evaluation=evaluation, **task.model_card())
-    (tmp / "README.md").write_text(card)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
+    return export_run(run_dir, out, step, max_shard_bytes)
 
 
 def main(args) -> int:

@@ -690,6 +690,24 @@ def test_cpu_offload_trains_like_ddp(shapes, tmp_path, straight, kind, offload):
     assert losses(run) == pytest.approx(ref, rel=1e-4)
 
 
+def test_evaluation_copy_takes_the_gathered_weights_without_a_second_copy():
+    """Sharded engines evaluate in a meta copy given the gathered full state: the gathered
+    tensors become its weights (before, a second full copy was allocated and filled)."""
+    from torch.func import functional_call
+
+    from core.engines.wrap import EvalCopy, meta_copy
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    state = {k: v.detach() + 1 for k, v in model.state_dict().items()}
+    x = torch.randn(2, 4)
+    copy = EvalCopy(meta_copy(model), torch.device("cpu"))
+    with copy(state) as shell:
+        held = shell.state_dict()
+        assert all(held[k].data_ptr() == state[k].data_ptr() for k in state)
+        assert torch.equal(shell(x), functional_call(model, state, (x,)))
+    assert all(p.is_meta for p in copy.shell.parameters())  # freed on exit
+
+
 def test_zero3_partition_padding_is_not_read_as_parameter_values():
     """ZeRO-3 rounds partitions up; the padding of the last ones is never written (with
     offload_param it once read as NaN and failed the finite check of a healthy run)."""

@@ -181,3 +181,24 @@ def test_export_streams_with_about_one_tensor_in_memory(shapes_dir, tmp_path):
     assert all(torch.equal(theirs[k], ours[k]) for k in ours)
     card = (sharded / "README.md").read_text()
     assert "`model.safetensors.index.json` | every tensor of the task, in" in card
+
+
+@pytest.mark.slow
+def test_checkpoint_export_writes_the_export_when_a_sharded_run_ends(shapes_dir, tmp_path):
+    """checkpoint.export=true: rank 0 of a 2-rank fsdp run writes RUN_DIR/export after the final
+    checkpoint, the same files `vlscale export` writes from it."""
+    from launch.export import consolidated, export
+
+    run = tmp_path / "run"
+    extra = {"engine.kind": "fsdp", "checkpoint.export": "true"}
+    over = tiny_overrides(shapes_dir, run, 3, **extra)
+    assert run_cli(["train", "tiny_siglip", *over], nproc=2).wait(timeout=600) == 0
+    again = export(run, tmp_path / "again")
+    for part in ("model.safetensors", "vision/model.safetensors", "text/model.safetensors"):
+        ended, offline = load_file(run / "export" / part), load_file(again / part)
+        assert ended.keys() == offline.keys(), part
+        assert all(torch.equal(ended[k], offline[k]) for k in ended), part
+    state = consolidated(run)[2]
+    ended = load_file(run / "export" / "model.safetensors")
+    assert all(torch.equal(ended[k], state[k]) for k in state)
+    assert "step 3" in (run / "export" / "README.md").read_text()

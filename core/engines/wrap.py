@@ -94,7 +94,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
 
 
 class EvalCopy:
-    """Context manager: the meta copy filled with full weights, freed again on exit."""
+    """Context manager: the meta copy given the full weights, freed again on exit. The gathered
+    tensors become its parameters (load_state_dict assign=True): one full copy on each rank
+    during evaluation, not two (allocating the copy, then copying the gathered state into it)."""
 
     def __init__(self, shell: nn.Module, device: torch.device):
         self.shell, self.device = shell, device
@@ -104,9 +106,9 @@ class EvalCopy:
         return self
 
     def __enter__(self) -> nn.Module:
-        self.shell.to_empty(device=self.device)
-        self.shell.load_state_dict(self.state)
+        state = {k: v.to(self.device) for k, v in self.state.items()}
         del self.state
+        self.shell.load_state_dict(state, assign=True)
         return self.shell
 
     def __exit__(self, *exc) -> None:
