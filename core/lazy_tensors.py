@@ -27,10 +27,12 @@ import torch
 
 class LazyTensors(Mapping[str, torch.Tensor]):
     """A checkpoint's tensors, each read when asked for (`read(key)`); `meta(key)` is its shape
-    and dtype as a meta tensor, known without reading it."""
+    and dtype as a meta tensor, known without reading it. `read_rows(key, start, stop)`, where
+    the format allows it (safetensors), reads rows start..stop of dimension 0 alone."""
 
-    def __init__(self, metas: dict[str, torch.Tensor], read: Callable[[str], torch.Tensor]):
-        self.metas, self._read = metas, read
+    def __init__(self, metas: dict[str, torch.Tensor], read: Callable[[str], torch.Tensor],
+                 read_rows: Callable[[str, int, int], torch.Tensor] | None = None):  # fmt: skip
+        self.metas, self._read, self.read_rows = metas, read, read_rows
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.metas:
@@ -72,12 +74,39 @@ class StandIns:
     def __init__(self):
         # storage address -> (shape, dtype, read, the 1-element tensor keeping the address taken)
         self._reads: dict[int, tuple[torch.Size, torch.dtype, Callable, torch.Tensor]] = {}
+        self._rows: dict[int, Callable[[int, int], torch.Tensor]] = {}  # where rows read alone
 
-    def stand_in(self, meta: torch.Tensor, read: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def stand_in(
+        self,
+        meta: torch.Tensor,
+        read: Callable[[], torch.Tensor],
+        read_rows: Callable[[int, int], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """A stand-in for a tensor of `meta`'s shape and dtype whose value is `read()`;
+        `read_rows(start, stop)`, if given, reads a range of its rows alone (into shards)."""
         fill = float("nan") if meta.is_floating_point() else 0
         one = torch.full((1,) * meta.dim(), fill, dtype=meta.dtype)
         self._reads[one.untyped_storage().data_ptr()] = (meta.shape, meta.dtype, read, one)
+        if read_rows is not None:
+            self._rows[one.untyped_storage().data_ptr()] = read_rows
         return one.expand(meta.shape)
+
+    def from_lazy(self, lazy: LazyTensors) -> dict[str, torch.Tensor]:
+        """A stand-in for every tensor of `lazy`, reading it (or its rows) from there."""
+        rows = lazy.read_rows
+        return {
+            key: self.stand_in(lazy.meta(key), lambda k=key: lazy[k],
+                               None if rows is None else lambda a, b, k=key: rows(k, a, b))
+            for key in lazy
+        }  # fmt: skip
+
+    def rows(self, tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop (dimension 0) of what `tensor` stands for, read alone where the
+        source allows it, else cut from the whole tensor."""
+        key = tensor.untyped_storage().data_ptr()
+        if key in self._rows and self._reads[key][0] == tensor.shape:
+            return self._rows[key](start, stop)
+        return self.value(tensor)[start:stop]
 
     def is_stand_in(self, tensor: torch.Tensor) -> bool:
         return tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in self._reads
@@ -110,6 +139,26 @@ class StandIns:
 
 
 _active: StandIns | None = None
+
+
+def active() -> StandIns | None:
+    """The stand-ins in effect (`StandIns.active()`), if any."""
+    return _active
+
+
+def materialize(module: torch.nn.Module) -> None:
+    """Read every stand-in weight of `module` now: for build-time code that computes from
+    weights (resampling a position table, growing an embedding), which would otherwise compute
+    from a stand-in's placeholder."""
+    if _active is None:
+        return
+    read: dict[int, torch.nn.Parameter] = {}  # a tied weight is read once and stays tied
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            if id(param) not in read and _active.is_stand_in(param):
+                read[id(param)] = torch.nn.Parameter(_active.value(param), param.requires_grad)
+            if id(param) in read:
+                sub.register_parameter(name, read[id(param)])
 
 
 def value(tensor: torch.Tensor) -> torch.Tensor:

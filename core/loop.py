@@ -9,6 +9,7 @@ command resumes from the newest complete checkpoint (`resume=auto`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -26,9 +27,10 @@ from . import distributed, preemption, runlock
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError
 from .distributed import to_device
-from .engines import build_engine
+from .engines import build_engine, engine_class
 from .evaluators import EvalContext, build_evaluators
 from .flops import peak_flops
+from .lazy_tensors import StandIns
 from .logger import MetricsLogger
 from .optim import scaled_lr
 from .recipe import config_changes
@@ -85,13 +87,17 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
     distributed.barrier()
     seed_everything(cfg.seed)  # same init on every rank
 
-    task = build_task(cfg)
-    evaluators = build_evaluators(cfg.eval.evaluators, task)
-    seed_everything(cfg.seed + 1000 * dist.rank)  # per-rank randomness from here on
-    train_stream = task.train_stream(dist)
-    global_batch = cfg.data.batch_size * cfg.optim.accum_steps * dist.world_size
-    steps = total_steps(cfg, global_batch, train_stream.num_samples())
-    engine = build_engine(task, cfg, dist, scaled_lr(cfg.optim, global_batch), steps)
+    # Under an engine that loads into shards, the weights of Hugging Face checkpoints are
+    # stand-ins until the engine reads each rank's shards of them (no rank reads them whole).
+    into_shards = engine_class(cfg.engine.kind).loads_into_shards
+    with StandIns().active() if into_shards else contextlib.nullcontext():
+        task = build_task(cfg)
+        evaluators = build_evaluators(cfg.eval.evaluators, task)
+        seed_everything(cfg.seed + 1000 * dist.rank)  # per-rank randomness from here on
+        train_stream = task.train_stream(dist)
+        global_batch = cfg.data.batch_size * cfg.optim.accum_steps * dist.world_size
+        steps = total_steps(cfg, global_batch, train_stream.num_samples())
+        engine = build_engine(task, cfg, dist, scaled_lr(cfg.optim, global_batch), steps)
 
     start_step = 0
     if resume_from is not None:

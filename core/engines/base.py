@@ -35,6 +35,9 @@ class Engine:
 
     autocast_dtype: torch.dtype | None = None
     can_reshard: bool = False  # its checkpoints load into another world size (load_resharded)
+    # The loop builds the task with stand-ins for the weights of Hugging Face checkpoints
+    # (core/lazy_tensors.py) and the engine reads each rank's shards of them (fsdp).
+    loads_into_shards: bool = False
 
     def load_resharded(self, directory) -> None:
         """Load a checkpoint written by another number of ranks (only if `can_reshard`). Formats

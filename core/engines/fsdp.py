@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from .. import lazy_tensors
 from ..config import Config, ConfigError
 from ..distributed import DistInfo
 from ..lazy_tensors import LazyTensors
@@ -46,6 +47,8 @@ from .wrap import (
 
 
 class FSDPEngine(Engine):
+    loads_into_shards = True  # read_into_shards
+
     def __init__(self, task: torch.nn.Module, cfg: Config, dist: DistInfo, lr: float, total: int):
         e = cfg.engine
         if e.offload == "optimizer":
@@ -56,9 +59,14 @@ class FSDPEngine(Engine):
         self.dist, self.cfg = dist, cfg
         ensure_process_group(dist.device)
         self.eval_copy = EvalCopy(meta_copy(task), dist.device)
-        self.task = task.to(dist.device)
+        stand_ins = lazy_tensors.active()  # weights the build left to be read into the shards
+        self.task = task if stand_ins else task.to(dist.device)
         self.scalar_names = lift_scalars(task)
         prepare(task, e)
+        unread = {}
+        if stand_ins:  # the stand-ins become meta parameters: fully_shard shards them unread
+            unread = {n: p for n, p in task.named_parameters() if stand_ins.is_stand_in(p)}
+            move_read_weights(task, dist.device, stand_ins)
         mesh = init_device_mesh(dist.device.type, (dist.world_size,))
         bf16 = e.precision == "bf16"
         kwargs = dict(
@@ -80,6 +88,8 @@ class FSDPEngine(Engine):
             for block in blocks:
                 fully_shard(block, **kwargs)
         fully_shard(task, **kwargs)
+        if unread:
+            read_into_shards(task, unread, stand_ins)
         own_metrics(task)
         self.params = [p for p in task.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(task, cfg.optim, lr)
@@ -186,3 +196,52 @@ class FSDPEngine(Engine):
         if offload != "none":
             out["optimizer"] = 0
         return {k: int(v) for k, v in out.items()}
+
+
+def move_read_weights(task: torch.nn.Module, device: torch.device, stand_ins) -> None:
+    """The weights the build read (random initialisation, small parts) to the device; each
+    stand-in becomes a meta parameter (FSDP2 shards meta parameters as they are; a tied weight
+    stays tied), to be filled by read_into_shards."""
+    metas: dict[int, torch.nn.Parameter] = {}
+    for module in task.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if stand_ins.is_stand_in(param):
+                if id(param) not in metas:
+                    meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                    metas[id(param)] = torch.nn.Parameter(meta, param.requires_grad)
+                module.register_parameter(name, metas[id(param)])
+            else:
+                param.data = param.data.to(device)
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            module.register_buffer(name, buffer.to(device))
+
+
+def read_into_shards(task: torch.nn.Module, unread: dict, stand_ins) -> None:
+    """Give each rank's shard of the weights the build left unread (`unread`: name -> the
+    stand-in it was) its values: the rows this rank holds (dimension 0, DTensor's even split, as
+    FSDP2 shards), read alone from safetensors checkpoints. A rank holds its shards and one piece
+    at a time, never another rank's rows. Loaded with assign=True, after which FSDP2 re-pads its
+    shards (its load_state_dict post-hook). A non-finite value was computed at build time from
+    a stand-in's placeholder: refused, it would train on garbage."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shards = {}
+    for name, stand_in in unread.items():
+        param = task.get_parameter(name)
+        mesh, placements = param.device_mesh, param.placements
+        shape, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)
+        if shape[0]:
+            rows = stand_ins.rows(stand_in.reshape(param.shape), offset[0], offset[0] + shape[0])
+        else:  # more ranks than rows: this one holds none
+            rows = torch.empty(shape)
+        local = rows.reshape(shape).to(device=mesh.device_type, dtype=param.dtype)
+        if not torch.isfinite(local).all():
+            raise RuntimeError(
+                f"{name}: read into shards as non-finite values: code that ran while the task "
+                "was built computed from a checkpoint weight before it was read (call "
+                "core.lazy_tensors.materialize(module) there first)"
+            )
+        shards[name] = DTensor.from_local(local, mesh, placements, run_check=False,
+                                          shape=param.shape, stride=param.stride())  # fmt: skip
+    task.load_state_dict(shards, strict=False, assign=True)

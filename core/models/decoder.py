@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import lazy_tensors
 from .attention import attention
 from .cache import KVCache
 from .generation import generate
@@ -380,6 +381,9 @@ class Decoder(nn.Module):
             raise ValueError(f"resize_token_embeddings: {size} rows < the current {old}")
         if size == old:
             return
+        for part in (self.model.embed_tokens, self.lm_head):  # stand-ins read first (fsdp)
+            if part is not None:
+                lazy_tensors.materialize(part)
 
         def grown(weight: torch.Tensor) -> nn.Parameter:
             mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from .. import lazy_tensors
@@ -44,7 +44,12 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, keys as stored."""
+    """All tensors of a checkpoint directory, keys as stored. While stand-ins are active (a
+    build that the engine loads into shards, core/engines/fsdp.py) they are stand-ins instead:
+    nothing is read here."""
+    stand_ins = lazy_tensors.active()
+    if stand_ins is not None:
+        return stand_ins.from_lazy(lazy_safetensors(_weight_files(Path(path))))
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(Path(path)):
         state.update(load_file(file))
@@ -60,22 +65,39 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def lazy_safetensors(files: list[Path]) -> LazyTensors:
-    """The tensors of safetensors files, each read when asked for (memory-mapped: the headers
-    give every name, shape and dtype without reading a weight)."""
+    """The tensors of safetensors files, each read when asked for, whole or a range of its rows
+    (`read_rows`: a rank reads its shard alone). The headers give every name, shape and dtype
+    without reading a weight; the data is read with plain reads, not memory-mapped, so what a
+    process reads is in its memory only while it holds it."""
     metas, where = {}, {}
     for file in files:
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is no mapping
-                piece = f.get_slice(name)
-                metas[name] = torch.empty(piece.get_shape(), device="meta",
-                                          dtype=SAFETENSORS_DTYPES[piece.get_dtype()])  # fmt: skip
-                where[name] = file
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                metas[name] = torch.empty(info["shape"], dtype=SAFETENSORS_DTYPES[info["dtype"]],
+                                          device="meta")  # fmt: skip
+                where[name] = (file, 8 + size + info["data_offsets"][0])
+
+    def read_rows(name: str, start: int, stop: int) -> torch.Tensor:
+        meta, (file, at) = metas[name], where[name]
+        row = math.prod(meta.shape[1:]) * meta.element_size()
+        shape = (stop - start, *meta.shape[1:]) if meta.dim() else ()
+        data = bytearray(row if meta.dim() == 0 else (stop - start) * row)
+        if not data:
+            return torch.empty(shape, dtype=meta.dtype)
+        with open(file, "rb") as f:
+            f.seek(at + start * row)
+            if f.readinto(data) != len(data):
+                raise OSError(f"{file}: {name} is cut short")
+        return torch.frombuffer(data, dtype=meta.dtype).reshape(shape)
 
     def read(name: str) -> torch.Tensor:
-        with safe_open(str(where[name]), "pt") as f:
-            return f.get_tensor(name)
+        meta = metas[name]
+        return read_rows(name, 0, meta.shape[0] if meta.dim() else 1)
 
-    return LazyTensors(metas, read)
+    return LazyTensors(metas, read, read_rows)
 
 
 def meta_state_dict(path: str | Path) -> dict[str, torch.Tensor] | None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import lazy_tensors
 from .attention import attention
 from .registry import register
 
@@ -288,6 +289,7 @@ class VisionTower(nn.Module):
         resolution): later forwards and saved checkpoints use the new size natively. For towers
         whose embeddings have a `position_embedding` table and `positions(grid)` (SigLIP, CLIP);
         ViT and SigLIP 2 override it."""
+        lazy_tensors.materialize(self.embeddings)  # a stand-in's value is read first (fsdp)
         side = image_size // self.patch_size
         with torch.no_grad():
             table = self.embeddings.positions((side, side)).detach().clone()
@@ -476,6 +478,7 @@ class ViT(VisionTower):
     def set_image_size(self, image_size: int) -> None:
         """Resample the position table to `image_size` for good (e.g. fine-tuning at a new
         resolution): later forwards and saved checkpoints use the new size natively."""
+        lazy_tensors.materialize(self.embeddings)  # a stand-in's value is read first (fsdp)
         side = image_size // self.patch_size
         with torch.no_grad():
             table = self.embeddings.positions((side, side)).detach().clone()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import models
+from .. import lazy_tensors, models
 from ..config import Config, ConfigError, DataConfig, TaskConfig
 from ..consolidate import fit_state, run_state
 from ..data.packing import PackedCollate, PromptCollate, supervised_targets
@@ -83,6 +83,7 @@ class PaliGemmaTask(Task, Generative, ImageEncoder):
         self.processor = PrefixLMProcessor(self.tokenizer, self.model.num_image_tokens)
         if cfg.task.init_from and not any(p.is_meta for p in self.parameters()):
             previous, state = run_state(cfg.task.init_from)
+            lazy_tensors.materialize(self)  # copied over: read whole (as tasks/vlm.py)
             self.load_state_dict(fit_state(state, self.state_dict(), "task.init_from"))
         vision = self.model.vision
         self.loader = ImageLoader(vision.image_size, vision.image_mean, vision.image_std,

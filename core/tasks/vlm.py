@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import models
+from .. import lazy_tensors, models
 from ..config import Config, ConfigError, DataConfig, TaskConfig
 from ..consolidate import fit_state, run_state
 from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder, add_image_tokens
@@ -210,6 +210,9 @@ class VLMTask(Task, Generative, ImageEncoder):
         """Every weight of the previous stage's newest checkpoint (vision, projector, LM; LoRA
         adapters merged into the LM). The architecture must be the same."""
         previous, state = run_state(run_dir)
+        # The previous stage's weights are copied over the built ones, which are read whole
+        # first (under fsdp, init_from still reads the whole model on every rank).
+        lazy_tensors.materialize(self)
         state = merge_lora_state(state, previous["task"].get("lora", {}).get("alpha", 0))
         self.load_state_dict(fit_state(state, self.state_dict(), f"task.init_from={run_dir}"))
         log.info("initialised from %s", run_dir)
