@@ -61,7 +61,8 @@ def from_towers(shapes: Path, run: Path, towers: tuple[Path, Path], steps: int, 
     over = [o for o in tiny_overrides(shapes, run, steps) if not o.startswith("model.")]
     extra = {"model.vision": towers[0], "model.text": towers[1],
              "model.tokenizer": shapes / "tokenizer",
-             "data.train": shapes / "train-{000000..000002}.tar", **extra}  # fmt: skip
+             "data.train": shapes / "train-{000000..000002}.tar", "eval.evaluators": "[]",
+             **extra}  # fmt: skip
     return [*over, *(f"{k}={v}" for k, v in extra.items())]
 
 

@@ -117,7 +117,7 @@ WIDE = {  # ~31M parameters (124 MB in fp32): big enough that a copy of it shows
     "model.text_config.hidden_size": 512, "model.text_config.intermediate_size": 2048,
     "model.text_config.num_hidden_layers": 5, "model.text_config.num_attention_heads": 8,
     "model.text_config.num_key_value_heads": 8, "model.text_config.head_dim": 64,
-    "task.embed_dim": 512, "data.batch_size": 4, "checkpoint.every": 1,
+    "task.embed_dim": 512, "data.batch_size": 4, "checkpoint.every": 1, "eval.evaluators": "[]",
 }  # fmt: skip
 
 MEASURE = """
@@ -148,7 +148,7 @@ def test_export_streams_with_about_one_tensor_in_memory(shapes_dir, tmp_path):
     from launch.export import consolidated
 
     run, tiny = tmp_path / "run", tmp_path / "tiny"
-    for where, extra in ((run, WIDE), (tiny, {"checkpoint.every": 1})):
+    for where, extra in ((run, WIDE), (tiny, {"checkpoint.every": 1, "eval.evaluators": "[]"})):
         over = tiny_overrides(shapes_dir, where, 1, **extra)
         assert run_cli(["train", "tiny_siglip", *over]).wait(timeout=600) == 0
     out = tmp_path / "export"
@@ -190,7 +190,7 @@ def test_checkpoint_export_writes_the_export_when_a_sharded_run_ends(shapes_dir,
     from launch.export import consolidated, export
 
     run = tmp_path / "run"
-    extra = {"engine.kind": "fsdp", "checkpoint.export": "true"}
+    extra = {"engine.kind": "fsdp", "checkpoint.export": "true", "eval.evaluators": "[]"}
     over = tiny_overrides(shapes_dir, run, 3, **extra)
     assert run_cli(["train", "tiny_siglip", *over], nproc=2).wait(timeout=600) == 0
     again = export(run, tmp_path / "again")
