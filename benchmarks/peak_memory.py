@@ -8,7 +8,9 @@ the SigLIP-style task from two Hugging Face checkpoints (a ViT-B/16-sized SigLIP
 a 9-layer Qwen3 text tower, random weights written by transformers' save_pretrained) -> wrap it
 in the engine -> 5 training steps -> the final checkpoint -> the final evaluation (retrieval);
 then `vlscale export` of that run, offline in one process. Every rank records its VmHWM (peak
-resident set, /proc/self/status) after each phase, so the table says where the peak came from.
+resident set, /proc/self/status) after each phase, so the table says where the peak came from,
+and the peak of its anonymous memory (RssAnon sampled every 10 ms: the `anon` columns), which
+leaves out the page cache of the memory-mapped checkpoint files that VmHWM counts (see AnonPeak).
 
 Against it: the bound of issue 14 item 9, 1.25 x (parameter + gradient + optimizer bytes) / W
 + activations + the fixed cost of a process, where the model-state bytes are the engine's own
@@ -51,12 +53,36 @@ SIZES = {
 }  # fmt: skip
 
 
+def status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def vm_hwm() -> int:
     """This process's peak resident set in bytes (VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return status("VmHWM")
+
+
+class AnonPeak:
+    """The peak of this process's anonymous resident memory (RssAnon: heap, tensors), sampled
+    every 10 ms by a thread. VmHWM also counts the file pages of memory-mapped checkpoints a
+    process has touched (the towers are loaded memory-mapped; sharding reads every page once):
+    those pages are the kernel's page cache, shared by every rank of a node and dropped under
+    pressure. A spike shorter than 10 ms can be missed."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = status("RssAnon")
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, status("RssAnon"))
+            time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -113,6 +139,7 @@ def worker(recipe: str, run_dir: str, kind: str, out: str) -> None:
     from core.recipe import load_config
 
     marks: dict[str, int] = {}
+    anon = AnonPeak()
 
     def marked(fn, phase, when=lambda *a: True):
         def wrapper(*args, **kwargs):
@@ -131,7 +158,8 @@ def worker(recipe: str, run_dir: str, kind: str, out: str) -> None:
     cfg = load_config(recipe, [f"engine.kind={kind}", f"run_dir={run_dir}"])
     loop.train(cfg)
     rank = int(os.environ.get("RANK", "0"))
-    row = {"rank": rank, "peak": vm_hwm(), **{f"after_{k}": marks.get(k) for k in PHASES}}
+    row = {"rank": rank, "peak": vm_hwm(), "anon": anon.peak,
+           **{f"after_{k}": marks.get(k) for k in PHASES}}  # fmt: skip
     Path(out, f"rank{rank}.json").write_text(json.dumps(row))
 
 
@@ -139,8 +167,9 @@ def export_worker(run_dir: str, out: str, result: str) -> None:
     """`vlscale export` in this process, then its VmHWM."""
     from launch.export import export
 
+    anon = AnonPeak()
     export(run_dir, out)
-    Path(result).write_text(json.dumps({"peak": vm_hwm()}))
+    Path(result).write_text(json.dumps({"peak": vm_hwm(), "anon": anon.peak}))
 
 
 # ---------------------------------------------------------------------------- driver
@@ -196,8 +225,9 @@ def run_job(recipe: Path, kind: str, world: int, work: Path, port: int) -> dict:
         raise RuntimeError(f"export of {name} failed:\n{done.stderr[-4000:]}")
     for measured in (run_dir, exported):  # ~1.6 GB of checkpoints per row: 24 rows filled 39 GB
         shutil.rmtree(measured)
+    export_marks = json.loads(result.read_text())
     return {"engine": kind, "world_size": world, "ranks": ranks, "seconds": time.monotonic() - t0,
-            "export_peak": json.loads(result.read_text())["peak"]}  # fmt: skip
+            "export_peak": export_marks["peak"], "export_anon": export_marks["anon"]}  # fmt: skip
 
 
 def model_state_bytes(kind: str, world: int, numbers: dict) -> int:
@@ -220,8 +250,9 @@ def planned(kind: str, world: int, numbers: dict, overhead: int) -> int:
     return model_state_bytes(kind, world, numbers) + numbers["planned_activations"] + overhead
 
 
-COLUMNS = ("engine", "W", "peak", "x ddp", "overhd", "bound", "ok", "plan", "build", "engine",
-           "train", "ckpt", "eval", "export", "s")  # fmt: skip
+COLUMNS = ("engine", "W", "peak", "x ddp", "overhd", "bound", "ok", "plan", "anon", "x ddp",
+           "a-ovh", "a-bnd", "a-ok", "build", "engine", "train", "ckpt", "eval", "export",
+           "ex-an", "s")  # fmt: skip
 
 
 def table_line(cells) -> str:
@@ -250,25 +281,32 @@ def main() -> None:
           f"{acts:.3f} GiB per micro-batch measured ({plan_acts:.3f} planned); overhead: the "
           "same job with the tiny model")  # fmt: skip
     print(table_line(COLUMNS), "(GiB; s: seconds)")
-    rows, ddp_peak = [], {}
+    rows, ddp_peak, ddp_anon = [], {}, {}
     for world in [int(w) for w in args.world_sizes.split(",")]:
         for kind in args.engines.split(","):
             tiny_row = run_job(tiny, kind, world, work, port + 1 + world)
             overhead = max(r["peak"] for r in tiny_row["ranks"])
+            anon_overhead = max(r["anon"] for r in tiny_row["ranks"])
             row = run_job(recipe, kind, world, work, port + 1 + world)
             peak = max(r["peak"] for r in row["ranks"])
+            anon = max(r["anon"] for r in row["ranks"])
             top = max(row["ranks"], key=lambda r: r["peak"])
             if kind == "ddp":
-                ddp_peak[world] = peak
+                ddp_peak[world], ddp_anon[world] = peak, anon
             limit = bound(kind, world, numbers, overhead)
+            anon_limit = bound(kind, world, numbers, anon_overhead)
             plan = planned(kind, world, numbers, overhead)
-            row.update(peak=peak, bound=limit, plan=plan, overhead=overhead, **numbers)
+            row.update(peak=peak, bound=limit, plan=plan, overhead=overhead, anon=anon,
+                       anon_bound=anon_limit, anon_overhead=anon_overhead, **numbers)  # fmt: skip
             rows.append(row)
             ratio = f"{peak / ddp_peak[world]:.2f}" if world in ddp_peak else "-"
+            anon_ratio = f"{anon / ddp_anon[world]:.2f}" if world in ddp_anon else "-"
             phases = [(top[f"after_{k}"] or 0) / GiB for k in PHASES]
             cells = [kind, world, peak / GiB, ratio, overhead / GiB, limit / GiB,
-                     "yes" if peak <= limit else "no", plan / GiB, *phases,
-                     row["export_peak"] / GiB, round(row["seconds"])]  # fmt: skip
+                     "yes" if peak <= limit else "no", plan / GiB, anon / GiB, anon_ratio,
+                     anon_overhead / GiB, anon_limit / GiB, "yes" if anon <= anon_limit else "no",
+                     *phases, row["export_peak"] / GiB, row["export_anon"] / GiB,
+                     round(row["seconds"])]  # fmt: skip
             print(table_line(cells), flush=True)
             if args.out:
                 with open(args.out, "a") as f:
