@@ -15,6 +15,12 @@ the safetensors writer (core/models/hub.py) asks `value(t)` for each tensor as i
 Arithmetic on a stand-in would compute on its placeholder element: `derived(fn, *inputs)` defers
 it (LoRA merging, core/lora.py), and while stand-ins are active the writer refuses any tensor that
 is not one, so a computation that slipped through fails instead of writing placeholder values.
+
+The same stand-ins let fsdp train from Hugging Face checkpoints no rank reads whole: the loop
+builds the task with stand-ins active, so `hub.load_state_dict` hands out stand-ins (with a
+`read_rows` for safetensors), and the engine reads each rank's rows into its shards
+(core/engines/fsdp.py read_into_shards). Build-time code that computes from weights calls
+`materialize(module)` first.
 """
 
 from __future__ import annotations
