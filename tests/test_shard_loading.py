@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import transformers as hf
-from test_train import ROOT, metrics, run_cli, tiny_overrides
+from test_train import ROOT, free_port, metrics, run_cli, tiny_overrides
 
 RECORD = """
 import json, os, sys
@@ -91,7 +91,7 @@ def peak_after_engine(shapes: Path, run: Path, towers: tuple[Path, Path]) -> int
     args = from_towers(shapes, run / "run", towers, 1, **{"engine.kind": "fsdp"})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           f"--master_port={29500 + os.getpid() % 900}", str(script), "train", "tiny_siglip",
+           f"--master_port={free_port()}", str(script), "train", "tiny_siglip",
            *args]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
