@@ -40,7 +40,7 @@ def streamed_task(run_dir: str | Path, step: int | None, stand_ins: StandIns):
     rebuilt = task.rebuilt_prefixes()
     shapes = {k: v for k, v in task.state_dict().items() if not (rebuilt and k.startswith(rebuilt))}
     lazy = fit_state(state, shapes, f"{run_dir} checkpoint")
-    state = {k: stand_ins.stand_in(lazy.meta(k), lambda k=k: lazy[k]) for k in lazy}
+    state = stand_ins.from_lazy(lazy)
     check_loaded(task.load_state_dict(state, assign=True, strict=False), task, run_dir)
     return task, cfg, state
 
