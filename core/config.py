@@ -155,6 +155,10 @@ class EvalConfig:
     every: int = 0  # steps; 0 = only at the end
     batch_size: int = 64
     evaluators: list = field(default_factory=list)
+    # fsdp, zero3: evaluate through the sharded model, every rank running the same forwards in
+    # lockstep (no rank holds the whole model; bf16 runs evaluate in their bf16 weights). false:
+    # in a full copy of the fp32 (master) weights on every rank: the whole model per rank.
+    sharded: bool = True
 
 
 @dataclass

@@ -7,6 +7,7 @@ gloo on CPU, chosen automatically unless the config says otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -119,6 +120,112 @@ def to_device(batch: dict, device: torch.device) -> dict:
         k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
         for k, v in batch.items()
     }
+
+
+# ------------------------------------------------------------------------------ lockstep
+# Sharded evaluation (fsdp, zero3: no rank holds the whole model) runs every forward as a
+# collective: each rank must run as many as every other, in the same order, although its share
+# of the data, and the steps a generation of it takes, are its own. Evaluators iterate their
+# data through `Lockstep` (a rank out of data repeats a batch whose results it drops) and
+# decoding loops end through `finished` (a rank done early runs padding forwards until every
+# rank is done). Outside `lockstep()` both are the plain loops, with no collective.
+
+_LOCKSTEP = False
+
+
+@contextlib.contextmanager
+def lockstep(enabled: bool = True):
+    """Within: model calls are collectives, evaluation and decoding loops keep pace across ranks."""
+    global _LOCKSTEP
+    before, _LOCKSTEP = _LOCKSTEP, enabled and dist.is_initialized()
+    try:
+        yield
+    finally:
+        _LOCKSTEP = before
+
+
+def in_lockstep() -> bool:
+    return _LOCKSTEP
+
+
+def _vote(values: list[int], device: torch.device | None = None) -> list[int]:
+    """Element-wise sums over ranks of small integers (one all-reduce)."""
+    device = device or _collective_device()
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def finished(done: bool, pad) -> bool:
+    """Whether a decoding loop ends here. Alone: `done`. In lockstep the ranks end together: a
+    rank that is done while another is not calls `pad()` (a forward whose result it drops) once
+    for each step the others still take, voting again after each. Every decoding loop must
+    therefore vote at every step, and vote done at its last one (all ranks reach it together)."""
+    if not _LOCKSTEP:
+        return done
+    while True:
+        (not_done,) = _vote([0 if done else 1])
+        if not_done == 0:
+            return True
+        if not done:
+            return False
+        pad()
+
+
+_END = object()
+
+
+class Lockstep:
+    """Iterate `items` (this rank's share of an evaluation) as (item, real) pairs. Alone, or
+    outside `lockstep()`: every item, real. In lockstep: one pair per step on every rank until
+    no rank has items left; a rank whose items ran out (or that called `stop()`) gets its last
+    item again, not real, so that it runs the same forwards as the others and drops the results.
+    A rank that had no item at all borrows the first item of the lowest rank that has one (one
+    broadcast). `prepare(item)` (e.g. moving a batch to the device) runs on each pair's item."""
+
+    def __init__(self, items, prepare=None):
+        self.items, self.prepare = iter(items), prepare or (lambda item: item)
+        self.stopped = False
+
+    def stop(self) -> None:
+        """This rank wants no more items (a limit was reached); it pads until the others stop."""
+        self.stopped = True
+
+    def __iter__(self):
+        if not _LOCKSTEP:
+            for item in self.items:
+                if self.stopped:
+                    return
+                yield self.prepare(item), True
+            return
+        last, rank = _END, dist.get_rank()
+        while True:
+            item = _END if self.stopped else next(self.items, _END)
+            has = item is not _END
+            if has:
+                last = item
+            having, lacking = _vote([int(has), int(last is _END)])
+            if having == 0:
+                return
+            if lacking:  # once at most: every rank has a `last` afterwards
+                source = self._lowest_having(has, dist.get_world_size())
+                borrowed = broadcast_object(item if rank == source else None, src=source)
+                if last is _END:
+                    last = borrowed
+            yield self.prepare(item if has else last), has
+
+    @staticmethod
+    def _lowest_having(has: bool, world: int) -> int:
+        flags = torch.tensor([1 if has else 0], dtype=torch.int64, device=_collective_device())
+        gathered = [torch.zeros_like(flags) for _ in range(world)]
+        dist.all_gather(gathered, flags)
+        return next(r for r, f in enumerate(gathered) if f.item())
 
 
 def cleanup() -> None:

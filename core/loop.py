@@ -109,7 +109,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
     # the split size and the global batch, which the config alone does not give).
     logger.event(
         start_step, "start", total_steps=steps, global_batch=global_batch,
-        world_size=dist.world_size,
+        world_size=dist.world_size, sharded_eval=engine.evaluates_sharded(cfg.eval.sharded),
     )  # fmt: skip
     if resume_from is not None:
         logger.event(start_step, "resume", checkpoint=str(resume_from))
@@ -315,8 +315,11 @@ def run_evaluators(
         return {}, False
     ctx = EvalContext(cfg=cfg, dist=dist, step=step, run_dir=Path(cfg.run_dir))
     metrics: dict = {}
-    # Sharded engines hand out a model with full weights: evaluation code may run on one rank.
-    with engine.full_model() as model, torch.no_grad(), engine.autocast():
+    # fsdp and zero3 evaluate sharded (every forward a collective: the ranks keep pace) unless
+    # eval.sharded is false; then, and with ddp and zero2, every rank holds the full weights.
+    sharded = engine.evaluates_sharded(cfg.eval.sharded)
+    with engine.eval_model(cfg.eval.sharded) as model, distributed.lockstep(sharded), \
+            torch.no_grad(), engine.autocast():  # fmt: skip
         model.eval()
         for evaluator in evaluators:
             if stop_voted(dist):

@@ -415,6 +415,25 @@ def test_engines_agree_with_ddp_over_20_steps(straight):
     assert all(v <= 1e-4 for v in worst.values()), worst
 
 
+@pytest.mark.slow
+def test_sharded_engines_evaluate_sharded_and_agree_with_ddp(straight):
+    """fsdp and zero3 evaluate through the sharded task (eval.sharded: no rank holds the whole
+    model; the ranks keep pace over their uneven shares of the one validation shard, padding
+    with repeated batches whose results they drop); zero2 and ddp in full weights. Every metric
+    of tiny_siglip's evaluators (retrieval, zeroshot, linear_probe) equals ddp's: the same
+    weights up to the training's 1e-4 parity, the same samples counted once."""
+    ref = json.loads((straight / "ddp" / "eval.json").read_text())
+    assert ref["step"] == STEPS and {"i2t_r1", "zeroshot_acc", "probe_acc"} <= set(ref)
+    for kind in KINDS:
+        (start,) = [r for r in metrics(straight / kind) if r.get("event") == "start"]
+        assert start["sharded_eval"] == (kind in ("fsdp", "zero3")), kind
+        got = json.loads((straight / kind / "eval.json").read_text())
+        assert set(got) == set(ref), kind
+        # Measured: every metric equal to ddp's, as it must be: the ranking and the probe's fit
+        # flip only when weights differ by more than this 1e-4 parity (runs are deterministic).
+        assert got == ref, kind
+
+
 # `vlscale train` recording, on rank 0, the weights each evaluation copy holds and the dtype of
 # every reducing torch.distributed call (DeepSpeed's gradient reductions, the loop's loss sums).
 RECORD = """
@@ -464,7 +483,9 @@ def bf16_runs(shapes, tmp_path_factory) -> Path:
     for kind in KINDS:
         run = root / kind
         run.mkdir()
-        extra = {"engine.kind": kind, "engine.precision": "bf16", "checkpoint.every": 0}
+        # eval.sharded false: the full fp32 copy (test_evaluation_copy_holds_...) is recorded
+        extra = {"engine.kind": kind, "engine.precision": "bf16", "checkpoint.every": 0,
+                 "eval.sharded": "false"}  # fmt: skip
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master_port={29890 + KINDS.index(kind)}", str(script), "train", "tiny_siglip",
                *tiny_overrides(shapes, run, STEPS, **extra)]  # fmt: skip

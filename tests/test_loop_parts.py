@@ -193,7 +193,10 @@ def test_two_evaluators_reporting_one_name_keep_both(tmp_path):
             return dict(self.metrics)
 
     class Replica:  # an engine whose model is the task itself
-        def full_model(self):
+        def evaluates_sharded(self, sharded):
+            return False
+
+        def eval_model(self, sharded):
             return contextlib.nullcontext(torch.nn.Linear(1, 1))
 
         def autocast(self):

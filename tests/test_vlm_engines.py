@@ -4,6 +4,7 @@ with DDP, and a killed LoRA run resumes exactly."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -60,6 +61,24 @@ def test_lora_stage_two_agrees_across_engines_with_text_only_ranks(straight):
         worst[kind] = max(abs(a - b) / abs(b) for a, b in zip(curve, ref))
     print("max relative loss difference to ddp:", worst)
     assert all(v <= 1e-4 for v in worst.values()), worst
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_generates_in_lockstep_as_ddp_does(straight):
+    """fsdp and zero3 evaluate through the sharded model (eval.sharded): each rank generates the
+    answers to its share of the held-out questions, decoding as many steps as the rank that
+    decodes longest (a rank that is done runs dropped forwards), and every rank the same number
+    of batches. The answers, so the accuracies, and the held-out loss are ddp's."""
+    ref = json.loads((straight / "ddp" / "eval.json").read_text())
+    assert ref["step"] == STEPS and {"vqa_acc", "loss"} <= set(ref)
+    for kind in ENGINES:
+        (start,) = [r for r in metrics(straight / kind) if r.get("event") == "start"]
+        assert start["sharded_eval"] == (kind in ("fsdp", "zero3")), kind
+        got = json.loads((straight / kind / "eval.json").read_text())
+        assert set(got) == set(ref), kind
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), kind  # the training's parity
+        assert {k: v for k, v in got.items() if k != "loss"} == \
+            {k: v for k, v in ref.items() if k != "loss"}, kind  # fmt: skip
 
 
 @pytest.mark.slow

@@ -84,7 +84,26 @@ class Engine:
             group["lr"] = base * factor(sched.last_epoch)  # what LambdaLR.step computes
         sched._last_lr = [group["lr"] for group in groups]
 
+    # Its parameters are sharded over the ranks (fsdp, zero3): evaluating through the task
+    # itself makes every forward a collective (distributed.lockstep).
+    shards_parameters: bool = False
+
     def full_model(self):
         """The task with full weights on every rank, for evaluation (collective for sharded
         engines: an unsharded copy filled from the consolidated state)."""
         return self.eval_copy(self.consolidated_state_dict())
+
+    def sharded_model(self):
+        """Context manager: the task itself, sharded, for evaluation in lockstep (engines that
+        shard their parameters)."""
+        return contextlib.nullcontext(self.task)
+
+    def evaluates_sharded(self, sharded: bool) -> bool:
+        """Whether evaluation runs through the sharded task (eval.sharded on an engine that
+        shards its parameters): every forward is then a collective."""
+        return sharded and self.shards_parameters
+
+    def eval_model(self, sharded: bool):
+        """Context manager of the task to evaluate: the sharded task itself where
+        `evaluates_sharded(sharded)`, else one with full weights on every rank."""
+        return self.sharded_model() if self.evaluates_sharded(sharded) else self.full_model()

@@ -3,11 +3,12 @@
 Parameters, gradients and optimizer state are sharded over a 1-D mesh of all ranks. A frozen
 tower is one unit (one all-gather, no reduce-scatter). Checkpoints are DCP directories, which
 load into any world size. Evaluation runs in an unsharded copy loaded with the full weights,
-so rank-0-only evaluation code cannot hang on a collective.
+or, by default (eval.sharded), through the sharded task itself, every rank in lockstep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .. import lazy_tensors
 from ..config import Config, ConfigError
@@ -48,6 +49,7 @@ from .wrap import (
 
 class FSDPEngine(Engine):
     loads_into_shards = True  # read_into_shards
+    shards_parameters = True
 
     def __init__(self, task: torch.nn.Module, cfg: Config, dist: DistInfo, lr: float, total: int):
         e = cfg.engine
@@ -113,6 +115,23 @@ class FSDPEngine(Engine):
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm, stepped
+
+    @contextlib.contextmanager
+    def sharded_model(self):
+        """The task, sharded, for evaluation in lockstep. Evaluators call its methods (encode,
+        generate, ...), not only forward: the root's own parameters (embeddings, norms, heads:
+        those outside the sharded blocks) stay gathered for the whole evaluation, each block is
+        gathered by its own hooks while it runs and freed after (engine.reshard_after_forward)."""
+        root = self.task
+        root.set_reshard_after_forward(False, recurse=False)
+        root.unshard()
+        try:
+            yield root
+        finally:
+            root.set_reshard_after_forward(self.cfg.engine.reshard_after_forward, recurse=False)
+            for module in root.modules():  # blocks kept gathered (reshard_after_forward false)
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     # ---------------------------------------------------------------- checkpoints
     # DCP: every rank writes its shards; loading reshards to the current world size.

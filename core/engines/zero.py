@@ -250,6 +250,13 @@ class DeepSpeedEngine(Engine):
         # Training runs DeepSpeed's bf16 weights; autocast is for evaluation (the fp32 copy).
         self.autocast_dtype = torch.bfloat16 if self.bf16 else None
 
+    @property
+    def shards_parameters(self) -> bool:
+        return self.stage == 3
+
+    # sharded_model: the task itself; ZeRO-3's hooks gather each module's parameters while it
+    # runs, whichever method of the task calls it.
+
     def forward_backward(self, batch: dict, loss_scale: float, sync: bool):  # -> TaskOutput
         if self.bf16:  # the model's weights are bf16: so are its floating inputs
             batch = {

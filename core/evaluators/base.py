@@ -6,13 +6,17 @@ mixins it `requires`.
 Every rank calls every due evaluator (each rank computes on its share of the split: a collective
 inside an evaluator is matched on every rank); the metrics rank 0 returns are logged as `eval/<k>`
 and written to eval.json.
+
+Under fsdp and zero3 the task stays sharded (eval.sharded): every forward is a collective, so
+every model call runs on every rank, as often and in the same order. Evaluators iterate their
+share through `ctx.steps(...)`, which pads the ranks whose share ran out with a repeated batch
+whose results they drop (`real` False), and call the model on rank 0 alone nowhere.
 """
 
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,9 +51,14 @@ class EvalContext:
     def batch_size(self) -> int:
         return self.cfg.eval.batch_size
 
-    def batches(self, stream) -> Iterator[dict]:
-        for batch in stream:
-            yield distributed.to_device(batch, self.dist.device)
+    def steps(self, items, on_device: bool = True) -> distributed.Lockstep:
+        """(item, real) for this rank's share `items` (a stream's batches, moved to the device,
+        or chunks of a list with on_device=False): in lockstep (sharded evaluation), as many
+        pairs on every rank, the padding ones not real (their results are to be dropped);
+        otherwise every item once, real. `stop()` on the result ends this rank's share early."""
+        prepare = (lambda batch: distributed.to_device(batch, self.dist.device)) if on_device \
+            else None  # fmt: skip
+        return distributed.Lockstep(items, prepare)
 
 
 class Evaluator(ABC):
@@ -87,9 +96,13 @@ def embed_val_split(task, ctx: EvalContext):
     if "embeddings" in ctx.cache:
         return ctx.cache["embeddings"]
     keys, images, texts, attrs = [], [], [], []
-    for batch in ctx.batches(task.val_stream(ctx.dist, ctx.batch_size)):
-        images.append(task.encode_image(batch["pixel_values"]).float().cpu())
-        texts.append(task.encode_text(batch["input_ids"], batch["attention_mask"]).float().cpu())
+    for batch, real in ctx.steps(task.val_stream(ctx.dist, ctx.batch_size)):
+        image = task.encode_image(batch["pixel_values"]).float().cpu()
+        text = task.encode_text(batch["input_ids"], batch["attention_mask"]).float().cpu()
+        if not real:
+            continue
+        images.append(image)
+        texts.append(text)
         keys += batch["key"]
         attrs += batch.get("attributes", [None] * len(batch["key"]))
     local = (keys, torch.cat(images) if images else None, torch.cat(texts) if texts else None,

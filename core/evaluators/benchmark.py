@@ -49,10 +49,12 @@ def encode_in_shares(items: list, encode, ctx: EvalContext) -> tuple[torch.Tenso
     share = -(-len(items) // ctx.dist.world_size)
     mine = items[ctx.dist.rank * share : (ctx.dist.rank + 1) * share]
     features, values = [], []
-    for start in range(0, len(mine), ctx.batch_size):
-        batch_features, batch_values = encode(mine[start : start + ctx.batch_size])
-        features.append(batch_features.float().cpu())
-        values += batch_values
+    chunks = (mine[start : start + ctx.batch_size] for start in range(0, len(mine), ctx.batch_size))
+    for chunk, real in ctx.steps(chunks, on_device=False):
+        batch_features, batch_values = encode(chunk)
+        if real:
+            features.append(batch_features.float().cpu())
+            values += batch_values
     gathered = distributed.all_gather_object((features, values))
     if not ctx.dist.is_main:
         return None

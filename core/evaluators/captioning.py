@@ -134,14 +134,17 @@ class CaptioningEvaluator(Evaluator):
         limit = -(-o.samples // ctx.dist.world_size) if o.samples else 0
         batch_size = min(ctx.batch_size, limit) if limit else ctx.batch_size
         records = []  # (key, generated, reference, attributes)
-        for batch in ctx.batches(task.val_stream(ctx.dist, batch_size)):
+        steps = ctx.steps(task.val_stream(ctx.dist, batch_size))
+        for batch, real in steps:
             generated = task.caption(batch["pixel_values"], o.max_new_tokens)
+            if not real:
+                continue
             keys = batch["key"]
             attributes = batch.get("attributes") or [None] * len(keys)
             records += zip(keys, generated, batch["caption"], attributes, strict=True)
             if limit and len(records) >= limit:
                 records = records[:limit]
-                break
+                steps.stop()
         gathered = distributed.all_gather_object(records)
         if not ctx.dist.is_main:
             return {}

@@ -284,23 +284,31 @@ class LinearProbeEvaluator(Evaluator):
         share = -(-len(self.selection) // ctx.dist.world_size)
         mine = self.selection[ctx.dist.rank * share : (ctx.dist.rank + 1) * share]
         shards = {}  # url -> open shard, for this call
+
+        def read(chunk: list) -> tuple[torch.Tensor, list] | None:
+            pixels, labelled = [], []
+            for split, url, index, labels in chunk:
+                if url not in shards:
+                    shards[url] = open_shard(url)
+                try:
+                    image = first_member(shards[url].read(index), keys)
+                    pixels.append(task.preprocess_image(image))
+                except BadSample as err:
+                    log.warning("linear_probe: %s sample %d skipped (%s)", url, index, err)
+                    continue
+                labelled.append((split, labels))
+            return (torch.stack(pixels), labelled) if pixels else None
+
         features, records = [], []
         try:
-            for start in range(0, len(mine), ctx.batch_size):
-                pixels = []
-                for split, url, index, labels in mine[start : start + ctx.batch_size]:
-                    if url not in shards:
-                        shards[url] = open_shard(url)
-                    try:
-                        image = first_member(shards[url].read(index), keys)
-                        pixels.append(task.preprocess_image(image))
-                    except BadSample as err:
-                        log.warning("linear_probe: %s sample %d skipped (%s)", url, index, err)
-                        continue
-                    records.append((split, labels))
-                if pixels:
-                    batch = torch.stack(pixels).to(ctx.dist.device)
-                    features.append(task.image_features(batch).float().cpu())
+            chunks = (read(mine[start : start + ctx.batch_size])
+                      for start in range(0, len(mine), ctx.batch_size))  # fmt: skip
+            readable = (chunk for chunk in chunks if chunk is not None)  # not one image decoded
+            for (pixels, labelled), real in ctx.steps(readable, on_device=False):
+                encoded = task.image_features(pixels.to(ctx.dist.device)).float().cpu()
+                if real:
+                    features.append(encoded)
+                    records += labelled
         finally:
             for shard in shards.values():
                 shard.close()

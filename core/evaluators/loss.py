@@ -23,8 +23,9 @@ class LossEvaluator(Evaluator):
     def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
         total = torch.zeros(2, dtype=torch.float64)
         stream = task.val_stream(ctx.dist, ctx.batch_size, self.options.subsets or None)
-        for batch in ctx.batches(stream):
-            weight = task.loss_weight(batch)
-            total += torch.tensor([float(task(batch).loss), float(weight)], dtype=torch.float64)
+        for batch, real in ctx.steps(stream):
+            loss = float(task(batch).loss)
+            if real:
+                total += torch.tensor([loss, float(task.loss_weight(batch))], dtype=torch.float64)
         loss_sum, weight = distributed.all_reduce_sum(list(total.to(ctx.dist.device)))
         return {"loss": loss_sum / weight} if weight > 0 else {}

@@ -23,9 +23,10 @@ class PreferenceEvaluator(Evaluator):
 
     def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
         local = []
-        for batch in ctx.batches(task.val_stream(ctx.dist, ctx.batch_size)):
+        for batch, real in ctx.steps(task.val_stream(ctx.dist, ctx.batch_size)):
             chosen, rejected = task.pair_rewards(batch)
-            local += zip(batch["pair_keys"], chosen.tolist(), rejected.tolist(), strict=True)
+            if real:
+                local += zip(batch["pair_keys"], chosen.tolist(), rejected.tolist(), strict=True)
         gathered = distributed.all_gather_object(local)
         if not ctx.dist.is_main:
             return {}

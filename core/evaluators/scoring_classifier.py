@@ -42,16 +42,21 @@ class ScoringClassifierEvaluator(Evaluator):
     def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
         problems_of = CLASS_PROBLEMS[self.options.classes]
         records, unlabelled = [], False  # (key, attributes, scores of every class prompt)
-        for batch in ctx.batches(task.val_stream(ctx.dist, ctx.batch_size)):
+        steps = ctx.steps(task.val_stream(ctx.dist, ctx.batch_size))
+        for batch, real in steps:
             keys = batch["key"]
             attributes = batch.get("attributes") or [None] * len(keys)
             if any(not isinstance(a, dict) for a in attributes):
-                unlabelled = True  # said by rank 0 after the gather every rank must reach
-                break
+                # Said by rank 0 after the gather every rank must reach. (The split is labelled
+                # throughout or not at all: in lockstep every rank skips the same calls.)
+                unlabelled = True
+                steps.stop()
+                continue
             # every problem's prompts scored in one call; the prompts do not depend on the batch
             prompts = [p for _, class_prompts, _ in problems_of(attributes) for p in class_prompts]
             scores = task.score_texts(batch["pixel_values"], prompts).float().cpu()
-            records += zip(keys, attributes, scores, strict=True)
+            if real:
+                records += zip(keys, attributes, scores, strict=True)
         gathered = distributed.all_gather_object((unlabelled, records))
         if not ctx.dist.is_main:
             return {}

@@ -45,16 +45,19 @@ def answer_records(task, ctx: EvalContext, subsets, max_new_tokens: int, limit: 
     (else [answer])."""
     batch_size = min(ctx.batch_size, limit) if limit else ctx.batch_size
     records = []
-    for batch in ctx.batches(task.prompt_stream(ctx.dist, batch_size, subsets, data)):
+    steps = ctx.steps(task.prompt_stream(ctx.dist, batch_size, subsets, data))
+    for batch, real in steps:
         predictions = task.generate(batch, max_new_tokens)
+        if not real:
+            continue
         references = batch["answer"]
         if all_answers:
             references = batch.get("answers") or [[answer] for answer in references]
         rows = zip(batch["key"], batch["source"], predictions, references, strict=True)
         records += list(rows)
         if limit and len(records) >= limit:
-            return records[:limit]
-    return records
+            steps.stop()  # the other ranks may still be generating: keep pace with them
+    return records[:limit] if limit else records
 
 
 class VQAEvaluator(Evaluator):

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed
 from ..config import ConfigError
 from ..data import CLASS_PROBLEMS
 from ..metrics import zeroshot_accuracy
-from .base import EmbeddingEvaluator, Options
+from .base import EmbeddingEvaluator, Options, embed_val_split
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +33,34 @@ class ZeroshotEvaluator(EmbeddingEvaluator):
     name = "zeroshot"
     Options = ZeroshotOptions
 
-    def score(self, task, ctx, image, text, attributes) -> dict[str, float]:
-        if any(not isinstance(a, dict) for a in attributes):
-            log.warning("zeroshot: validation samples carry no %s metadata; skipped",
-                        self.options.classes)  # fmt: skip
+    def __call__(self, task, ctx) -> dict[str, float]:
+        split = embed_val_split(task, ctx)
+        # The class prompts come from rank 0's metadata; every rank encodes them (a sharded
+        # model's forward is a collective), rank 0 scores.
+        problems = None
+        if split is not None:
+            attributes = split[2]
+            if any(not isinstance(a, dict) for a in attributes):
+                log.warning("zeroshot: validation samples carry no %s metadata; skipped",
+                            self.options.classes)  # fmt: skip
+                problems = []
+            else:
+                problems = CLASS_PROBLEMS[self.options.classes](attributes)
+        problems = distributed.broadcast_object(problems)
+        if not problems:
             return {}
-        out, accs = {}, []
-        for name, prompts, labels in CLASS_PROBLEMS[self.options.classes](attributes):
+        device = ctx.dist.device
+        classes = []
+        for _, prompts, _ in problems:
             ids, mask = task.tokenize(prompts)
-            device = ctx.dist.device
-            classes = task.encode_text(ids.to(device), mask.to(device)).float().cpu()
-            acc = zeroshot_accuracy(image, classes, torch.tensor(labels))
+            classes.append(task.encode_text(ids.to(device), mask.to(device)).float().cpu())
+        return {} if split is None else self.score(task, ctx, *split, classes=classes,
+                                                   problems=problems)  # fmt: skip
+
+    def score(self, task, ctx, image, text, attributes, classes=None, problems=None):
+        out, accs = {}, []
+        for (name, _, labels), class_features in zip(problems, classes, strict=True):
+            acc = zeroshot_accuracy(image, class_features, torch.tensor(labels))
             if acc is not None:
                 out[f"zeroshot_{name}_acc"] = acc
                 accs.append(acc)

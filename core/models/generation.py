@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from .cache import KVCache
 
 IMPOSSIBLE = -1.0e9  # transformers' score for beams that must not be picked
@@ -92,10 +93,18 @@ class Stepper:
         self.cache = KVCache(len(model.layers), max_len)
         self.attention_mask = attention_mask
         self.prefix_len = prefix_len
+        self.rows = 0
 
     def prompt(self, embeds: torch.Tensor) -> torch.Tensor:
         """fp32 logits [B, V] of the token after the prompt embeds [B, T, H]."""
+        self.rows, self.device = embeds.shape[0], embeds.device
         return self._forward(inputs_embeds=embeds)
+
+    def finished(self, done: bool) -> bool:
+        """Whether decoding ends after this step (distributed.finished): in lockstep, a rank
+        that is done steps on with a dropped token per row while another rank decodes."""
+        pad = torch.zeros(self.rows, dtype=torch.long, device=self.device)
+        return distributed.finished(done, lambda: self.step(pad))
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """fp32 logits [B, V] of the token after tokens [B]."""
@@ -106,6 +115,7 @@ class Stepper:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row i continues row index[i] (beam search: repeat prompts, follow surviving beams)."""
+        self.rows = index.shape[0]
         self.cache.reorder(index)
         if self.attention_mask is not None:
             self.attention_mask = self.attention_mask[index]
@@ -157,7 +167,11 @@ def sample(
             token = torch.where(unfinished, token, pad)
             unfinished &= ~torch.isin(token, eos)
         tokens.append(token)
-        if eos is not None and not unfinished.any():  # only then: .any() syncs with the GPU
+        # .any() syncs with the GPU: only where there is an end to find (or ranks to keep pace)
+        ended = eos is not None and not unfinished.any()
+        if (eos is not None or distributed.in_lockstep()) and stepper.finished(
+            ended or step + 1 == cfg.max_new_tokens
+        ):
             break
     return torch.stack(tokens, dim=1)
 
@@ -216,7 +230,8 @@ def beam_search(
         penalty = (step + 1) ** cfg.length_penalty
         finished.add(cand_tokens, cand_scores / penalty, step + 1, ended, improvable)
         improvable &= finished.improvable_by(scores[:, 0] / penalty)
-        if not improvable.any() or ends.all():  # syncs with the GPU, as transformers does
+        # syncs with the GPU, as transformers does; the last step ends every candidate
+        if stepper.finished(bool(not improvable.any() or ends.all())):
             break
         stepper.reorder((first_beam + _gather(cand_beam, keep)).flatten())
     return finished.tokens[:, 0, : int(finished.lengths[:, 0].max())]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import models
+from .. import distributed, models
 from ..config import Config, ConfigError, TaskConfig
 from ..data.errors import BadSample
 from ..data.preprocess import ImageTextDecoder, member_keys
@@ -227,9 +227,15 @@ class CaptionHead(nn.Module):
         rows = [[self.start_id, *p] for p in prompt_ids]
         done = [False] * B
         new: list[list[int]] = [[] for _ in range(B)]
-        for _ in range(max_new_tokens):
+        dev, inputs = encoded.device, None
+
+        def pad():  # sharded evaluation: a forward to keep pace with other ranks, dropped
+            ids, mask_ar = inputs or (torch.full((B, 1), self.start_id), torch.zeros(B, 1) > 0)
+            self.decoder(ids.to(dev), encoded, mask_ar.to(dev))
+
+        for step in range(max_new_tokens + 1):
             length = max(len(r) for r in rows)
-            if length > limit or all(done):
+            if distributed.finished(step == max_new_tokens or length > limit or all(done), pad):
                 break
             ids = torch.full((B, length), self.pad_id, dtype=torch.long)
             last = torch.zeros(B, dtype=torch.long)
@@ -240,7 +246,7 @@ class CaptionHead(nn.Module):
                 prompt_len[i] = len(prompt_ids[i])
             pos = torch.arange(length)[None]
             mask_ar = pos > prompt_len[:, None]
-            dev = encoded.device
+            inputs = (ids, mask_ar)
             logits = self.decoder(ids.to(dev), encoded, mask_ar.to(dev))
             nxt = logits[torch.arange(B, device=dev), last.to(dev)].argmax(-1).tolist()
             for i, token in enumerate(nxt):
