@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from . import lazy_tensors
 from .checkpoint import list_checkpoints
 from .engines import engine_class
 from .lazy_tensors import LazyTensors, metas
@@ -69,4 +70,26 @@ def fit_state(
     if isinstance(state, LazyTensors):
         fitted = {k: torch.empty(shapes[k].shape, device="meta") for k in shapes}
         return LazyTensors(fitted, lambda k: state[k].reshape(shapes[k].shape).float())
-    return {k: state[k].reshape(shapes[k].shape).float() for k in shapes}
+    # stand-ins (an fsdp build's init_from) stay stand-ins
+    return {k: lazy_tensors.as_float(state[k], shapes[k].shape) for k in shapes}
+
+
+def load_run_weights(module: torch.nn.Module, run_dir: str | Path, source: str,
+                     merge=None) -> dict:  # fmt: skip
+    """Copy a previous run's newest checkpoint (any engine's) over every weight of `module`
+    (`task.init_from`); returns that run's config tree. `merge(tree, state) -> state` adapts its
+    state first (folding LoRA adapters). While stand-ins are active (an fsdp build) nothing is
+    read here: the module gets stand-ins of the checkpoint's tensors (derived ones where merged
+    or cast), and each rank reads its rows into its shards, one tensor at a time."""
+    previous, state = run_state(run_dir)
+    stand_ins = lazy_tensors.active()
+    if stand_ins is not None:
+        state = stand_ins.from_lazy(state)
+    if merge is not None:
+        state = merge(previous, state)
+    fitted = fit_state(state, module.state_dict(), source)
+    if stand_ins is None:
+        module.load_state_dict(fitted)
+    else:
+        lazy_tensors.assign(module, fitted)
+    return previous

@@ -19,8 +19,9 @@ is not one, so a computation that slipped through fails instead of writing place
 The same stand-ins let fsdp train from Hugging Face checkpoints no rank reads whole: the loop
 builds the task with stand-ins active, so `hub.load_state_dict` hands out stand-ins (with a
 `read_rows` for safetensors), and the engine reads each rank's rows into its shards
-(core/engines/fsdp.py read_into_shards). Build-time code that computes from weights calls
-`materialize(module)` first.
+(core/engines/fsdp.py read_into_shards). A previous run's weights (`task.init_from`) come the
+same way: `assign(module, state)` gives the module stand-ins of them. Build-time code that
+computes from weights calls `materialize(module)` first.
 """
 
 from __future__ import annotations
@@ -165,6 +166,49 @@ def materialize(module: torch.nn.Module) -> None:
                 read[id(param)] = torch.nn.Parameter(_active.value(param), param.requires_grad)
             if id(param) in read:
                 sub.register_parameter(name, read[id(param)])
+
+
+def as_float(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """tensor.reshape(shape).float(); an active stand-in stays one (converted when read)."""
+    if _active is None or not _active.is_stand_in(tensor):
+        return tensor.reshape(shape).float()
+    if tensor.dtype == torch.float32:
+        view = tensor.reshape(shape)
+        if _active.is_stand_in(view):  # a view of the stand-in, not a copy of its placeholder
+            return view
+    like = torch.empty(shape, dtype=torch.float32, device="meta")
+    return derived(lambda t: t.reshape(shape).float(), tensor, like=like)
+
+
+def assign(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """`module`'s parameters become `state`'s tensors (every name of the module's state dict, in
+    its shapes: e.g. fit_state's), without reading a stand-in: while stand-ins are active (an
+    fsdp build) each rank later reads its rows alone. A tied parameter stays tied (the tensor of
+    its first name for all of them); buffers are copied now (read: they are small)."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for names in names_of.values():
+        old = module.get_parameter(names[0])
+        tensor = state[names[0]]
+        if tensor.dtype != old.dtype:
+            like = torch.empty(old.shape, dtype=old.dtype, device="meta")
+            tensor = derived(lambda t, d=old.dtype: t.to(d), tensor, like=like)
+        new = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            module.get_submodule(owner).register_parameter(attr, new)
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            if name in state:
+                buffer.copy_(current(state[name]).reshape(buffer.shape))
+
+
+def current(tensor: torch.Tensor) -> torch.Tensor:
+    """The value of `tensor`: what it stands for if it is an active stand-in, else itself."""
+    if _active is not None and _active.is_stand_in(tensor):
+        return _active.value(tensor)
+    return tensor
 
 
 def value(tensor: torch.Tensor) -> torch.Tensor:

@@ -306,11 +306,11 @@ def final_eval_written(run_dir: Path, steps: int) -> bool:
 def run_evaluators(
     evaluators, cfg: Config, dist, engine, logger: MetricsLogger, step: int
 ) -> tuple[dict, bool]:
-    """Run `evaluators` on the task with full weights; log their metrics and tables, and write
-    eval.json (rank 0). Returns the metrics (rank 0; {} elsewhere or when none ran) and whether
-    a preemption/timeout signal stopped the round: the ranks vote before each evaluator, so a
-    signal during a long evaluation leaves time to checkpoint and requeue (then nothing is
-    logged or written for the round)."""
+    """Run `evaluators` on the task (sharded under fsdp and zero3: eval.sharded); log their
+    metrics and tables, and write eval.json (rank 0). Returns the metrics (rank 0; {} elsewhere
+    or when none ran) and whether a preemption/timeout signal stopped the round: the ranks vote
+    before each evaluator, so a signal during a long evaluation leaves time to checkpoint and
+    requeue (then nothing is logged or written for the round)."""
     if not evaluators:
         return {}, False
     ctx = EvalContext(cfg=cfg, dist=dist, step=step, run_dir=Path(cfg.run_dir))

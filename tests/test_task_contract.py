@@ -102,8 +102,10 @@ class BackgroundAccuracy(Evaluator):
 
     def __call__(self, task, ctx: EvalContext) -> dict[str, float]:
         correct = total = 0
-        for batch in ctx.batches(task.val_stream(ctx.dist, ctx.batch_size)):
+        for batch, real in ctx.steps(task.val_stream(ctx.dist, ctx.batch_size)):
             predicted = task.logits(batch["pixel_values"]).argmax(dim=1)
+            if not real:  # a padding step (fsdp evaluates sharded: the ranks keep pace)
+                continue
             correct += int((predicted == batch["label"]).sum())
             total += len(batch["label"])
         c, t = distributed.all_reduce_sum([torch.tensor(correct), torch.tensor(total)])

@@ -5,13 +5,16 @@ with DDP, and a killed LoRA run resumes exactly."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 from test_engines import kill_after
-from test_train import assert_bitwise_equal, metrics, run_cli
-from test_vlm_task import vlm_overrides
+from test_train import ROOT, assert_bitwise_equal, free_port, metrics, run_cli
+from test_vlm_task import evaluators, vlm_overrides
 
 from core.checkpoint import list_checkpoints
 from core.engines import ENGINES
@@ -28,7 +31,11 @@ def mixed_overrides(vqa: Path, run_dir: Path, kind: str, **extra) -> list[str]:
         "task.stage": "sft", "task.lm_tuning": "lora", "task.lora.r": 4, "task.lora.dropout": 0.0,
         "task.init_from": "",
         "engine.kind": kind, "engine.precision": "fp32", "optim.lr": 3e-3,
-        "checkpoint.every": 2, "eval.every": 0, **extra,
+        "checkpoint.every": 2, "eval.every": 0,
+        # at the end: vqa, loss and the answers to rank 0's first 8 questions (generations.txt)
+        "eval.evaluators": json.dumps([*json.loads(evaluators()), {"generation": {
+            "samples": 8, "max_new_tokens": 4, "subsets": ["shapes_colour", "shapes_shape"]}}]),
+        **extra,
     }  # fmt: skip
     return vlm_overrides(vqa, run_dir, STEPS, **over)
 
@@ -79,6 +86,10 @@ def test_sharded_evaluation_generates_in_lockstep_as_ddp_does(straight):
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5), kind  # the training's parity
         assert {k: v for k, v in got.items() if k != "loss"} == \
             {k: v for k, v in ref.items() if k != "loss"}, kind  # fmt: skip
+        # the generation evaluator's answers (rank 0's first questions), word for word
+        generated = (straight / kind / "generations.txt").read_text()
+        assert generated == (straight / "ddp" / "generations.txt").read_text(), kind
+        assert generated.count("\n") >= 8
 
 
 @pytest.mark.slow
@@ -111,3 +122,55 @@ def test_zero_checkpoints_read_as_deepspeeds_zero_to_fp32_reads_them(straight, k
     theirs = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="ds")
     assert any("lora_A" in k for k in theirs) and any(k.startswith("vision.") for k in theirs)
     assert_bitwise_equal(dict(ours), {k: v.float() for k, v in theirs.items()})
+
+
+# `vlscale train` recording which parameters fsdp read into its shards (read_into_shards' names).
+RECORD_READ = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+import core.engines.fsdp as fsdp
+
+def recorded(task, unread, stand_ins, _real=fsdp.read_into_shards):
+    if os.environ.get("RANK", "0") == "0":
+        open({out!r}, "w").write(json.dumps(sorted(unread)))
+    return _real(task, unread, stand_ins)
+
+fsdp.read_into_shards = recorded
+from launch.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_reads_a_previous_run_into_its_shards_as_ddp_loads_it(vqa, straight, tmp_path):
+    """task.init_from under fsdp: the previous run's weights (fsdp's own LoRA run: a DCP
+    checkpoint, its adapters merged into the LM) become stand-ins and each rank reads only its
+    rows of them; training goes on exactly as from ddp's whole read (losses within the engines'
+    1e-5 parity)."""
+    previous = straight / "fsdp"
+    over = {"task.init_from": str(previous), "task.lm_tuning": "full", "optim.max_steps": 3}
+    losses = {}
+    for kind in ("ddp", "fsdp"):
+        run = tmp_path / kind
+        args = ["train", "tiny_vlm_stage2",
+                *mixed_overrides(vqa, run, kind, **over)]  # fmt: skip
+        if kind == "ddp":
+            assert run_cli(args, nproc=2).wait(timeout=600) == 0
+        else:
+            script = tmp_path / "record.py"
+            names = tmp_path / "read_into_shards.json"
+            script.write_text(textwrap.dedent(RECORD_READ.format(root=str(ROOT), out=str(names))))
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                   f"--master_port={free_port()}", str(script), *args]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=600)  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+        losses[kind] = losses_of = [r["loss"] for r in metrics(run) if "loss" in r]
+        assert len(losses_of) == 3
+    read = json.loads(names.read_text())
+    # every weight of the previous run: the vision tower, the projector, the LM (merged)
+    assert any(n.startswith("projector.") for n in read)
+    assert any(n.startswith("lm.") and "q_proj" in n for n in read)
+    assert any(n.startswith("vision.") for n in read)
+    assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)

@@ -245,6 +245,9 @@ def read_into_shards(task: torch.nn.Module, unread: dict, stand_ins) -> None:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    aliases: dict[int, list[str]] = {}  # tied weights: one parameter under several names
+    for name, param in task.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
     shards = {}
     for name, stand_in in unread.items():
         param = task.get_parameter(name)
@@ -264,3 +267,8 @@ def read_into_shards(task: torch.nn.Module, unread: dict, stand_ins) -> None:
         shards[name] = DTensor.from_local(local, mesh, placements, run_check=False,
                                           shape=param.shape, stride=param.stride())  # fmt: skip
     task.load_state_dict(shards, strict=False, assign=True)
+    for names in aliases.values():  # assign set the first name only: tie the others again
+        if names[0] in shards:
+            for other in names[1:]:
+                owner, _, attr = other.rpartition(".")
+                task.get_submodule(owner).register_parameter(attr, task.get_parameter(names[0]))

@@ -1,7 +1,7 @@
 """The evaluator contract. An evaluator is declared in the recipe (`eval.evaluators`), built
-once per run, and called with the task (full weights, eval mode, no grad) at every evaluation it
-is due. It uses only the task contract (core/tasks/base.py): `val_stream`, and the capability
-mixins it `requires`.
+once per run, and called with the task (eval mode, no grad; sharded under fsdp and zero3, see
+below) at every evaluation it is due. It uses only the task contract (core/tasks/base.py):
+`val_stream`, and the capability mixins it `requires`.
 
 Every rank calls every due evaluator (each rank computes on its share of the split: a collective
 inside an evaluator is matched on every rank); the metrics rank 0 returns are logged as `eval/<k>`
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,6 +51,18 @@ class EvalContext:
     @property
     def batch_size(self) -> int:
         return self.cfg.eval.batch_size
+
+    def batches(self, stream) -> Iterator[dict]:
+        """The stream's batches on the device, each once: for evaluators that do not run in
+        lockstep (with sharded evaluation, use `steps`, whose padding steps keep ranks in pace)."""
+        if distributed.in_lockstep():
+            raise RuntimeError(
+                "ctx.batches: this evaluation runs sharded (fsdp or zero3, eval.sharded), where "
+                "every rank must run as many forwards as the others; iterate ctx.steps(stream) "
+                "(core/evaluators/base.py), or set eval.sharded=false"
+            )
+        for batch in stream:
+            yield distributed.to_device(batch, self.dist.device)
 
     def steps(self, items, on_device: bool = True) -> distributed.Lockstep:
         """(item, real) for this rank's share `items` (a stream's batches, moved to the device,

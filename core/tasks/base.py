@@ -35,8 +35,9 @@ What the loop does with a task (core/loop.py), and so what each method must guar
    first backward; the loop logs sum(loss) / total, the honest mean.
 4. Under zero3 and fsdp parameters are gathered module by module collectively: every rank must
    run the same modules in the same order on every micro-batch, whatever its batch holds.
-5. Evaluators (core/evaluators/) get the task with full weights in eval mode and use only this
-   contract: `val_stream` for the loss, and the capability mixins below for the rest.
+5. Evaluators (core/evaluators/) get the task in eval mode (under zero3 and fsdp still sharded:
+   4. holds for every method they call) and use only this contract: `val_stream` for the loss,
+   and the capability mixins below for the rest.
 
 Optional capabilities are declared by inheriting a mixin (never probed with hasattr):
 `ImageEncoder` (linear probes), `ImageTextEmbedder` (retrieval, zero-shot; an ImageEncoder),

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import lazy_tensors, models
+from .. import models
 from ..config import Config, ConfigError, DataConfig, TaskConfig
-from ..consolidate import fit_state, run_state
+from ..consolidate import load_run_weights
 from ..data.packing import PackedCollate, PromptCollate, supervised_targets
 from ..data.prefix_lm import (
     QUESTION_PREFIX,
@@ -82,9 +82,8 @@ class PaliGemmaTask(Task, Generative, ImageEncoder):
         self.model = self._build_model(m, image_id)
         self.processor = PrefixLMProcessor(self.tokenizer, self.model.num_image_tokens)
         if cfg.task.init_from and not any(p.is_meta for p in self.parameters()):
-            previous, state = run_state(cfg.task.init_from)
-            lazy_tensors.materialize(self)  # copied over: read whole (as tasks/vlm.py)
-            self.load_state_dict(fit_state(state, self.state_dict(), "task.init_from"))
+            # under fsdp each rank reads its shards' rows alone (as tasks/vlm.py)
+            load_run_weights(self, cfg.task.init_from, "task.init_from")
         vision = self.model.vision
         self.loader = ImageLoader(vision.image_size, vision.image_mean, vision.image_std,
                                   d.max_pixels, crop=False)  # fmt: skip

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import lazy_tensors, models
+from .. import models
 from ..config import Config, ConfigError, DataConfig, TaskConfig
-from ..consolidate import fit_state, run_state
+from ..consolidate import load_run_weights
 from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder, add_image_tokens
 from ..data.cot import ANSWER, REASONING, CoTEvalDecoder, CoTProcessor, CoTTrainDecoder
 from ..data.packing import PackedCollate, PromptCollate, supervised_targets
@@ -209,12 +209,12 @@ class VLMTask(Task, Generative, ImageEncoder):
     def load_previous_stage(self, run_dir: str) -> None:
         """Every weight of the previous stage's newest checkpoint (vision, projector, LM; LoRA
         adapters merged into the LM). The architecture must be the same."""
-        previous, state = run_state(run_dir)
-        # The previous stage's weights are copied over the built ones, which are read whole
-        # first (under fsdp, init_from still reads the whole model on every rank).
-        lazy_tensors.materialize(self)
-        state = merge_lora_state(state, previous["task"].get("lora", {}).get("alpha", 0))
-        self.load_state_dict(fit_state(state, self.state_dict(), f"task.init_from={run_dir}"))
+
+        # Under fsdp each rank reads only its shards' rows of them (consolidate.load_run_weights).
+        def merge(previous: dict, state):
+            return merge_lora_state(state, previous["task"].get("lora", {}).get("alpha", 0))
+
+        load_run_weights(self, run_dir, f"task.init_from={run_dir}", merge)
         log.info("initialised from %s", run_dir)
 
     # ------------------------------------------------------------------ model

@@ -71,7 +71,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
+from .. import distributed, lazy_tensors
 from ..config import Config, ConfigError
 from ..data.chat import IGNORE, ChatProcessor, VLMDecoder
 from ..data.cot import cot_images, read_cot_record
@@ -131,6 +131,10 @@ class VLMDPOTask(VLMTask, PreferenceScorer):
         """`load_reference` False builds a `precomputed` task without its file (to write it)."""
         self._check_modes(cfg)
         super().__init__(cfg)  # init_from loaded (its adapters merged), then fresh adapters
+        if cfg.task.dpo.reference in ("copy", "precomputed"):
+            # The copy, and the starting model's digest, are computed from the weights: under
+            # fsdp these are read whole on every rank here (stand-ins until now).
+            lazy_tensors.materialize(self)
         d = cfg.data
         common = dict(image_size=self.vision.image_size, mean=self.vision.image_mean,
                       std=self.vision.image_std, max_images=d.max_images,
