@@ -379,6 +379,12 @@ def train_dpo(vqa, shapes, run_dir: Path, kind: str, reference: str) -> subproce
 
 
 REFERENCES = ["lora", "copy", "precomputed", "mdpo"]
+# The uninterrupted runs: ddp in every mode (the reference curves), every engine in mode copy
+# (whose reference stays out of checkpoints, engine by engine), and each pair the resume tests
+# below continue. Each is a two-rank job of ~11 s; all 16 pairs took 3 minutes.
+STRAIGHT = sorted({("ddp", mode) for mode in REFERENCES} | {(k, "copy") for k in ENGINES}
+                  | {("zero3", "lora"), ("fsdp", "lora"), ("fsdp", "precomputed"),
+                     ("zero2", "mdpo"), ("ddp", "mdpo")})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -388,17 +394,17 @@ def straight(vqa, shapes_dir, tmp_path_factory) -> Path:
     written.mkdir(exist_ok=True)
     over = cli_overrides(vqa, shapes_dir, root / "unused", "ddp", "precomputed")
     write_reference(vqa, shapes_dir, written, "tiny_vlm_stage4", over)
-    for kind in ENGINES:
-        for reference in REFERENCES:
-            run = root / f"{kind}-{reference}"
-            code = train_dpo(vqa, shapes_dir, run, kind, reference).wait(timeout=600)
-            assert code == 0, f"{kind} {reference} failed"
+    for kind, reference in STRAIGHT:
+        run = root / f"{kind}-{reference}"
+        code = train_dpo(vqa, shapes_dir, run, kind, reference).wait(timeout=600)
+        assert code == 0, f"{kind} {reference} failed"
     return root
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reference", REFERENCES)
-def test_every_engine_agrees_with_ddp_on_2_ranks(straight, reference):
+def test_sharded_engines_agree_with_ddp_on_2_ranks(straight, reference):
+    """The sharded engines run in this mode (STRAIGHT) follow ddp's loss curve."""
     ref = losses(straight / f"ddp-{reference}")
     # ln 2 (mDPO: 3 ln 2) up to the reference's summation order (precomputed: packed otherwise
     # when written)
@@ -406,7 +412,7 @@ def test_every_engine_agrees_with_ddp_on_2_ranks(straight, reference):
     tolerance = 1e-5 if reference == "precomputed" else 1e-6
     assert len(ref) == STEPS and abs(ref[0] - first) < tolerance
     worst = {}
-    for kind in [k for k in ENGINES if k != "ddp"]:
+    for kind in [k for k, mode in STRAIGHT if mode == reference and k != "ddp"]:
         curve = losses(straight / f"{kind}-{reference}")
         assert len(curve) == STEPS, kind
         worst[kind] = max(abs(a - b) / abs(b) for a, b in zip(curve, ref))
