@@ -109,7 +109,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
     # the split size and the global batch, which the config alone does not give).
     logger.event(
         start_step, "start", total_steps=steps, global_batch=global_batch,
-        world_size=dist.world_size, sharded_eval=engine.evaluates_sharded(cfg.eval.sharded),
+        world_size=dist.world_size, sharded_eval=cfg.eval.sharded and engine.shards_parameters,
     )  # fmt: skip
     if resume_from is not None:
         logger.event(start_step, "resume", checkpoint=str(resume_from))

@@ -434,6 +434,23 @@ def test_sharded_engines_evaluate_sharded_and_agree_with_ddp(straight):
         assert got == ref, kind
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+def test_a_job_resumed_at_the_last_step_evaluates_sharded_before_any_forward(
+    shapes, tmp_path, straight, kind
+):
+    """Resumed from its final checkpoint, a job has no step left: it only evaluates. fsdp
+    through a sharded model that has run no forward in this process (FSDP2 finds its root
+    then); zero3 in the full copy (see Zero3's evaluates_sharded). Both equal the run's own."""
+    final = straight / kind / "checkpoints" / f"step_{STEPS}"
+    run = tmp_path / "resumed"
+    proc = train_cli(shapes, run, **{"engine.kind": kind, "resume": str(final)})
+    assert proc.wait(timeout=600) == 0
+    assert not [r for r in metrics(run) if "loss" in r]  # no training step
+    evaluated = json.loads((run / "eval.json").read_text())
+    assert evaluated == json.loads((straight / kind / "eval.json").read_text())
+
+
 # `vlscale train` recording, on rank 0, the weights each evaluation copy holds and the dtype of
 # every reducing torch.distributed call (DeepSpeed's gradient reductions, the loop's loss sums).
 RECORD = """

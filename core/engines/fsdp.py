@@ -123,6 +123,9 @@ class FSDPEngine(Engine):
         those outside the sharded blocks) stay gathered for the whole evaluation, each block is
         gathered by its own hooks while it runs and freed after (engine.reshard_after_forward)."""
         root = self.task
+        # FSDP2 learns which module is the root in its first forward; a job that resumed at
+        # its last step evaluates before any (calling a block first would make it the root).
+        root._get_fsdp_state()._lazy_init()
         root.set_reshard_after_forward(False, recurse=False)
         root.unshard()
         try:

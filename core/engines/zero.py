@@ -247,6 +247,7 @@ class DeepSpeedEngine(Engine):
         # The schedule drives the groups DeepSpeed steps (the same dicts, params swapped).
         self.scheduler = build_scheduler(self.base_optimizer, cfg.optim, total)
         self.bf16 = cfg.engine.precision == "bf16"
+        self.forwarded = False  # a training forward ran in this job (evaluates_sharded)
         # Training runs DeepSpeed's bf16 weights; autocast is for evaluation (the fp32 copy).
         self.autocast_dtype = torch.bfloat16 if self.bf16 else None
 
@@ -257,7 +258,15 @@ class DeepSpeedEngine(Engine):
     # sharded_model: the task itself; ZeRO-3's hooks gather each module's parameters while it
     # runs, whichever method of the task calls it.
 
+    def evaluates_sharded(self, sharded: bool) -> bool:
+        # Not before this job's first training forward (a job resumed at its last step only
+        # evaluates): the vision tower's position table, read by its parent without calling
+        # the module that owns it, is then still partitioned (measured: "cannot reshape tensor
+        # of 0 elements"); the full copy evaluates instead.
+        return super().evaluates_sharded(sharded) and self.forwarded
+
     def forward_backward(self, batch: dict, loss_scale: float, sync: bool):  # -> TaskOutput
+        self.forwarded = True
         if self.bf16:  # the model's weights are bf16: so are its floating inputs
             batch = {
                 k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
