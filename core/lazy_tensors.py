@@ -185,10 +185,7 @@ def assign(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     its shapes: e.g. fit_state's), without reading a stand-in: while stand-ins are active (an
     fsdp build) each rank later reads its rows alone. A tied parameter stays tied (the tensor of
     its first name for all of them); buffers are copied now (read: they are small)."""
-    names_of: dict[int, list[str]] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(param), []).append(name)
-    for names in names_of.values():
+    for names in tied_names(module):
         old = module.get_parameter(names[0])
         tensor = state[names[0]]
         if tensor.dtype != old.dtype:
@@ -196,12 +193,26 @@ def assign(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
             tensor = derived(lambda t, d=old.dtype: t.to(d), tensor, like=like)
         new = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
         for name in names:
-            owner, _, attr = name.rpartition(".")
-            module.get_submodule(owner).register_parameter(attr, new)
+            set_parameter(module, name, new)
     with torch.no_grad():
         for name, buffer in module.named_buffers():
             if name in state:
                 buffer.copy_(current(state[name]).reshape(buffer.shape))
+
+
+def tied_names(module: torch.nn.Module) -> list[list[str]]:
+    """Every parameter's names, one list per parameter (a tied weight has several; the first is
+    the one named_parameters and state dicts give)."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    return list(names_of.values())
+
+
+def set_parameter(module: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
+    """Register `param` under the dotted `name` of `module`."""
+    owner, _, attr = name.rpartition(".")
+    module.get_submodule(owner).register_parameter(attr, param)
 
 
 def current(tensor: torch.Tensor) -> torch.Tensor:

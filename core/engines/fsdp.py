@@ -248,9 +248,7 @@ def read_into_shards(task: torch.nn.Module, unread: dict, stand_ins) -> None:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    aliases: dict[int, list[str]] = {}  # tied weights: one parameter under several names
-    for name, param in task.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
+    aliases = lazy_tensors.tied_names(task)  # a tied weight: one parameter, several names
     shards = {}
     for name, stand_in in unread.items():
         param = task.get_parameter(name)
@@ -270,8 +268,7 @@ def read_into_shards(task: torch.nn.Module, unread: dict, stand_ins) -> None:
         shards[name] = DTensor.from_local(local, mesh, placements, run_check=False,
                                           shape=param.shape, stride=param.stride())  # fmt: skip
     task.load_state_dict(shards, strict=False, assign=True)
-    for names in aliases.values():  # assign set the first name only: tie the others again
+    for names in aliases:  # assign set the first name only: tie the others again
         if names[0] in shards:
             for other in names[1:]:
-                owner, _, attr = other.rpartition(".")
-                task.get_submodule(owner).register_parameter(attr, task.get_parameter(names[0]))
+                lazy_tensors.set_parameter(task, other, task.get_parameter(names[0]))
