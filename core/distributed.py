@@ -199,8 +199,9 @@ class Lockstep:
 
     def __iter__(self):
         if not _LOCKSTEP:
-            for item in self.items:
-                if self.stopped:
+            while not self.stopped:  # stopped: not one more item read (a batch decoded for nothing)
+                item = next(self.items, _END)
+                if item is _END:
                     return
                 yield self.prepare(item), True
             return

@@ -103,8 +103,11 @@ class Stepper:
     def finished(self, done: bool) -> bool:
         """Whether decoding ends after this step (distributed.finished): in lockstep, a rank
         that is done steps on with a dropped token per row while another rank decodes."""
-        pad = torch.zeros(self.rows, dtype=torch.long, device=self.device)
-        return distributed.finished(done, lambda: self.step(pad))
+
+        def pad():  # made only when padding: not an allocation per decoding step
+            return self.step(torch.zeros(self.rows, dtype=torch.long, device=self.device))
+
+        return distributed.finished(done, pad)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """fp32 logits [B, V] of the token after tokens [B]."""
