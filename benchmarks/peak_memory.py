@@ -2,6 +2,7 @@
 
     python benchmarks/peak_memory.py                    # 164M two-tower model, every engine
     python benchmarks/peak_memory.py --world-sizes 2 --engines ddp,fsdp
+    python benchmarks/peak_memory.py --mmap-threshold 131072   # freed memory returned to the OS
 
 Each run is a real `vlscale train` job under torchrun (one rank per process, gloo, fp32): build
 the SigLIP-style task from two Hugging Face checkpoints (a ViT-B/16-sized SigLIP vision tower and
@@ -267,7 +268,17 @@ def main() -> None:
     parser.add_argument("--world-sizes", default="1,2,4")
     parser.add_argument("--work", default="", help="inputs and runs (default: a temp dir)")
     parser.add_argument("--out", default="", help="append the JSON rows here")
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="fix glibc's mmap threshold for every job (MALLOC_MMAP_THRESHOLD_), e.g. 131072: "
+        "freed blocks go back to the OS instead of staying in the heap (BENCHMARKS.md)",
+    )
     args = parser.parse_args()
+    if args.mmap_threshold:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     work = Path(args.work or tempfile.mkdtemp(prefix="peak_memory-"))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     tiny = write_inputs(work, "tiny")
@@ -280,6 +291,8 @@ def main() -> None:
     print(f"{n:.1f}M parameters, model state {state / GiB:.2f} GiB (fp32 AdamW), activations "
           f"{acts:.3f} GiB per micro-batch measured ({plan_acts:.3f} planned); overhead: the "
           "same job with the tiny model")  # fmt: skip
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    print("glibc mmap threshold:", f"fixed at {threshold} bytes" if threshold else "glibc's own")
     print(table_line(COLUMNS), "(GiB; s: seconds)")
     rows, ddp_peak, ddp_anon = [], {}, {}
     for world in [int(w) for w in args.world_sizes.split(",")]:

@@ -107,7 +107,7 @@ class EngineConfig:
     # DeepSpeed: optimizer (zero2/zero3) or optimizer+params (zero3) on CPU. FSDP2: only
     # optimizer+params (CPUOffloadPolicy moves parameters, gradients and optimizer state).
     offload: Literal["none", "optimizer", "optimizer+params"] = "none"
-    reshard_after_forward: bool = True  # fsdp: free gathered block weights after forward
+    reshard_after_forward: bool = True  # fsdp, zero3: free gathered block weights after forward
     activation_checkpointing: Literal["none", "full", "every_k"] = "none"
     ac_every_k: int = 2  # every_k: checkpoint blocks 0, k, 2k, ... of each tower
     compile: bool = False  # torch.compile each transformer block
@@ -431,7 +431,7 @@ RESUME_MAY_CHANGE = (
     "engine.activation_checkpointing",  # memory for compute: the same gradients
     "engine.ac_every_k",  # likewise
     "engine.compile",  # speed: the same maths (compiled blocks match eager within 1e-4)
-    "engine.reshard_after_forward",  # fsdp: memory for communication, the same maths
+    "engine.reshard_after_forward",  # fsdp, zero3: memory for communication, the same maths
     "checkpoint.*",  # when checkpoints are written and how many are kept
     "logging.*",  # what is reported, not what is trained
     "eval.*",  # evaluation reads the model, never changes it

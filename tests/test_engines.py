@@ -18,6 +18,7 @@ import torch
 from test_train import (
     ROOT,
     assert_bitwise_equal,
+    free_port,
     kill_tree,
     metrics,
     run_cli,
@@ -205,6 +206,67 @@ def test_ds_config_is_generated_from_the_run_config(shapes, tmp_path, kind, offl
     assert zero["stage"] == ENGINES[kind].stage
     assert ("offload_optimizer" in zero) == (offload != "none")
     assert ("offload_param" in zero) == (offload == "optimizer+params")
+
+
+# After the third step's forward, before its backward (ZeRO-3's trace is complete after the first
+# step): how many of the task's parameters are gathered. One process, ZeRO-3 over world size 1.
+GATHERED_AFTER_FORWARD = """
+import json, sys
+from core import distributed
+from core.engines import build_engine
+from core.loop import build_task, seed_everything, train_step
+from core.recipe import load_config
+
+cfg = load_config("tiny_siglip", json.loads(sys.argv[1]))
+dist = distributed.init_distributed("gloo")
+seed_everything(0)
+task = build_task(cfg)
+stream = task.train_stream(dist)
+engine = build_engine(task, cfg, dist, 1e-3, 10)
+gathered = []
+task.register_forward_hook(  # after ZeRO-3's own hook: what it released is released
+    lambda *_: gathered.append(sum(p.ds_numel for p in task.parameters()
+                                   if p.ds_status.name in ("AVAILABLE", "INFLIGHT"))))
+batches = iter(stream)
+for _ in range(3):
+    train_step(task, engine, batches, 1, dist)
+whole = sum(p.ds_numel for p in task.parameters())
+print(json.dumps({"gathered": gathered[-1], "whole": whole}))
+"""
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_zero3_frees_gathered_weights_after_forward_as_fsdp(shapes, tmp_path, reshard):
+    """engine.reshard_after_forward under zero3 (stage3_max_reuse_distance, prefetch bucket): true
+    (the default) frees every block's gathered weights after its forward, so no rank holds the
+    whole model between forward and backward; false keeps them for the backward, as DeepSpeed's
+    own defaults did for any model below 1e9 parameters (core/engines/zero.py says what kept
+    them: the reuse distance and the prefetch)."""
+    over = tiny_overrides(shapes, tmp_path / "run", 3, **{"engine.kind": "zero3",
+                          "engine.reshard_after_forward": str(reshard).lower()})  # fmt: skip
+    cfg = load_config("tiny_siglip", over)
+    reuse = build_ds_config(cfg, 1)["zero_optimization"]["stage3_max_reuse_distance"]
+    assert reuse == (0 if reshard else 1_000_000_000)  # DeepSpeed's default for false
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    command = [sys.executable, "-c", GATHERED_AFTER_FORWARD, json.dumps(over)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    if reshard:
+        assert seen["gathered"] == 0
+    else:
+        assert seen["gathered"] == seen["whole"]
+
+
+def test_user_ds_config_keeps_its_own_reuse_distance(shapes, tmp_path):
+    user = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    user["zero_optimization"]["stage3_max_reuse_distance"] = 12345  # the finer knob, kept
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(user))
+    cfg = tiny_cfg(shapes, tmp_path, **{"engine.kind": "zero3", "engine.ds_config": str(path)})
+    assert build_ds_config(cfg, 2)["zero_optimization"]["stage3_max_reuse_distance"] == 12345
 
 
 def test_user_ds_config_is_checked_against_the_run_config(shapes, tmp_path):

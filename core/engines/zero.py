@@ -57,6 +57,9 @@ from .wrap import (
 
 DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 TAG = "ds"  # the DeepSpeed checkpoint tag inside each step directory
+# From engine.reshard_after_forward (build_ds_config):
+REUSE_DISTANCE = "zero_optimization.stage3_max_reuse_distance"
+PREFETCH = "zero_optimization.stage3_prefetch_bucket_size"
 FROZEN_FILE = "frozen.safetensors"  # frozen weights DeepSpeed left out (see DeepSpeedEngine.save)
 
 
@@ -191,6 +194,20 @@ def build_ds_config(cfg: Config, world_size: int, cuda: bool = False) -> dict:
             f"engine.offload={e.offload}, engine.precision={e.precision}, data.batch_size, "
             f"optim.accum_steps, optim.grad_clip, {world_size} ranks): " + "; ".join(mismatches)
         )
+    if e.kind == "zero3":
+        # engine.reshard_after_forward, as under fsdp: a block's gathered weights are freed after
+        # its forward and gathered again for its backward. DeepSpeed's defaults (false here)
+        # keep every weight used again within 1e9 parameters and prefetch 5e7, and it does not
+        # free a weight its prefetch has marked for a later use: a model under those sizes
+        # stayed whole on every rank from its forward to its backward (tests/test_engines.py:
+        # 63 of 65 weights gathered after the forward; still 58,528 of ~70k parameters with
+        # the reuse distance 0 and one block's prefetch). Without prefetch nothing stays;
+        # gathers no longer overlap compute on a GPU (BENCHMARKS.md).
+        reshard = e.reshard_after_forward
+        for key, value in ((REUSE_DISTANCE, 0 if reshard else 1_000_000_000),
+                           (PREFETCH, 0 if reshard else 50_000_000)):  # fmt: skip
+            if _get(ds, key) in (_ABSENT, "auto"):  # a user's number is the finer knob: kept
+                _set(ds, key, value)
     left = _autos(ds)
     if left:
         raise ConfigError(f"{source}: unresolved 'auto' for {', '.join(left)}")
