@@ -200,8 +200,8 @@ def build_ds_config(cfg: Config, world_size: int, cuda: bool = False) -> dict:
         # keep every weight used again within 1e9 parameters and prefetch 5e7, and it does not
         # free a weight its prefetch has marked for a later use: a model under those sizes
         # stayed whole on every rank from its forward to its backward (tests/test_engines.py:
-        # 63 of 65 weights gathered after the forward; still 58,528 of ~70k parameters with
-        # the reuse distance 0 and one block's prefetch). Without prefetch nothing stays;
+        # 63 of 65 weights gathered after the forward; still 58,528 of its 58,562 parameters
+        # with the reuse distance 0 and one block's prefetch). Without prefetch none stays;
         # gathers no longer overlap compute on a GPU (BENCHMARKS.md).
         reshard = e.reshard_after_forward
         for key, value in ((REUSE_DISTANCE, 0 if reshard else 1_000_000_000),
