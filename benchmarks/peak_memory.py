@@ -192,7 +192,8 @@ def model_numbers(recipe: Path) -> dict:
     task = build_task(cfg)
     batch = next(iter(task.train_stream(_single_rank())))
     acts = activation_bytes(task, batch)
-    return {"n_params": n, "n_trained": t, "activations": acts, "planned_activations": planned}
+    return {"n_params": n, "n_trained": t, "activations": acts, "planned_activations": planned,
+            "recipe": str(recipe)}  # fmt: skip
 
 
 def _single_rank():
@@ -246,9 +247,16 @@ def bound(kind: str, world: int, numbers: dict, overhead: int) -> int:
 
 
 def planned(kind: str, world: int, numbers: dict, overhead: int) -> int:
-    """What `vlscale plan` says a rank holds (model state + its activation estimate), plus the
-    process overhead, which plan leaves to the reader's headroom."""
-    return model_state_bytes(kind, world, numbers) + numbers["planned_activations"] + overhead
+    """What `vlscale plan` says a rank holds (model state + the engine's buffers + its
+    activation estimate), plus the process overhead, which plan leaves to the reader's
+    headroom."""
+    from core.recipe import load_config
+    from launch.plan import buffers
+
+    cfg = load_config(numbers["recipe"], [])
+    state = model_state_bytes(kind, world, numbers)
+    bufs = buffers(cfg, kind, "none", numbers["n_trained"], world)
+    return state + bufs + numbers["planned_activations"] + overhead
 
 
 COLUMNS = ("engine", "W", "peak", "x ddp", "overhd", "bound", "ok", "plan", "anon", "x ddp",

@@ -175,7 +175,7 @@ def check_run(report: Report, recipe: str, overrides: list[str], steps: int, dis
     from core import distributed
     from core.loop import train
     from core.recipe import load_config
-    from launch.plan import activations, count_parameters, model_state
+    from launch.plan import activations, buffers, count_parameters, model_state
 
     tmp = distributed.broadcast_object(tempfile.mkdtemp(prefix="vlscale-doctor-") if
                                        dist.is_main else None)  # fmt: skip
@@ -193,6 +193,7 @@ def check_run(report: Report, recipe: str, overrides: list[str], steps: int, dis
     n, t = count_parameters(cfg)
     planned = sum(model_state(cfg.engine.kind, cfg.engine.offload, cfg.engine.precision, n, t,
                               dist.world_size).values())  # fmt: skip
+    planned += buffers(cfg, cfg.engine.kind, cfg.engine.offload, t, dist.world_size)
     planned += activations(cfg, "full" if cfg.engine.activation_checkpointing != "none" else "none")
     if dist.device.type == "cuda":
         used, what = torch.cuda.max_memory_allocated(dist.device), "peak allocated"

@@ -4,8 +4,8 @@ One row per registered engine (core.engines.ENGINES) and engine.offload value it
 `offloads`). Model state per rank is the engine's own `memory_per_rank` (N parameters, T
 trained, W ranks, b = 2 in bf16 else 4; the formulas are in each engine's docstring), in short:
   ddp    params 4N (fp32 weights, bf16 by autocast)  grads 4T        optimizer 8T (AdamW m, v)
-  zero2  params bN + 4T/W (fp32 master partition)    grads bT/W      optimizer 8T/W
-  zero3  params bN/W + 4T/W                          grads bT/W      optimizer 8T/W
+  zero2  params bN + 4T/W (fp32 master partition)    grads 4T/W      optimizer 8T/W
+  zero3  params bN/W + 4T/W                          grads 4T/W      optimizer 8T/W
   fsdp   params 4N/W (fp32 shards; bf16 gathered per block while it runs)  grads 4T/W  opt 8T/W
 Offload moves the master partition and optimizer state (offload=optimizer), and for zero3 the
 parameter partitions too, to CPU; FSDP's CPUOffloadPolicy moves all three.
@@ -20,8 +20,10 @@ with nothing trained before it (a frozen vision tower, stage 4's reference) keep
 frozen one behind a trained part (an LM behind a trained projector) keeps what its input's
 gradient needs. Activation checkpointing keeps a block's input (h b per token) for every
 checkpointed block and one block's full activations while it is recomputed. Held to measured
-forwards in tests/test_plan.py. Communication buckets, the CUDA context and fragmentation are
-not counted: keep ~10-20% headroom.
+forwards in tests/test_plan.py. `buffers` are the engine's own fixed-size buffers
+(`buffers_per_rank`: ZeRO-2's and ZeRO-3's gradient buckets of `reduce_bucket_size`, which at
+50M elements in fp32 are 0.19 GiB whatever the model's size). The CUDA context, the process
+itself and fragmentation are not counted: keep ~10-20% headroom.
 """
 
 from __future__ import annotations
@@ -46,6 +48,20 @@ def model_state(kind: str, offload: str, precision: str, n: int, t: int, w: int)
     from core.engines import engine_class
 
     return engine_class(kind).memory_per_rank(offload, precision, n, t, w)
+
+
+def buffers(cfg, kind: str, offload: str, t: int, w: int) -> int:
+    """Per-GPU bytes of engine `kind`'s own fixed-size buffers (its `buffers_per_rank`: ZeRO's
+    gradient buckets) for this run config with engine.kind and engine.offload set to `kind` and
+    `offload` (a DeepSpeed JSON of the user's counts only for its own kind)."""
+    import dataclasses
+
+    from core.engines import engine_class
+
+    e = cfg.engine
+    engine = dataclasses.replace(e, kind=kind, offload=offload,
+                                 ds_config=e.ds_config if kind == e.kind else "")  # fmt: skip
+    return engine_class(kind).buffers_per_rank(dataclasses.replace(cfg, engine=engine), t, w)
 
 
 def count_parameters(cfg) -> tuple[int, int]:
@@ -142,16 +158,20 @@ def options() -> list[tuple[str, str]]:
 def plan(cfg, gpus: int, gpu_mem_gib: float) -> list[dict]:
     n, t = count_parameters(cfg)
     act = {mode: activations(cfg, mode) for mode in ("none", "full")}
-    return plan_rows(n, t, cfg.engine.precision, act["none"], act["full"], gpus, gpu_mem_gib)
+    bufs = {(k, o): buffers(cfg, k, o, t, gpus) for k, o in options()}
+    return plan_rows(n, t, cfg.engine.precision, act["none"], act["full"], gpus, gpu_mem_gib,
+                     bufs)  # fmt: skip
 
 
 def plan_rows(n: int, t: int, precision: str, act: int, act_ac: int, gpus: int,
-              gpu_mem_gib: float) -> list[dict]:  # fmt: skip
-    """One row per `options()`: model state per GPU, activations without and with activation
-    checkpointing, and whether each fits in `gpu_mem_gib`."""
+              gpu_mem_gib: float, bufs: dict | None = None) -> list[dict]:  # fmt: skip
+    """One row per `options()`: model state per GPU, the engine's buffers (`bufs`, by (kind,
+    offload); none if not given), activations without and with activation checkpointing, and
+    whether each fits in `gpu_mem_gib`."""
     rows = []
     for kind, offload in options():
         state = model_state(kind, offload, precision, n, t, gpus)
+        state["buffers"] = (bufs or {}).get((kind, offload), 0)
         states = sum(state.values())
         rows.append({
             "engine": kind, "offload": offload, **state,
@@ -171,12 +191,13 @@ def main(args) -> int:
     print(f"{cfg.name}: {n / 1e6:.1f}M parameters ({t / 1e6:.1f}M trained), "
           f"{cfg.engine.precision}, micro-batch {cfg.data.batch_size}/GPU, {args.gpus} GPUs x "
           f"{args.gpu_mem:g} GiB; per GPU in GiB:")  # fmt: skip
-    head = ("engine", "offload", "params", "grads", "optim", "acts", "acts+AC", "fits", "fits+AC")
-    print("{:<6} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>8}".format(*head))
+    head = ("engine", "offload", "params", "grads", "optim", "buffers", "acts", "acts+AC", "fits",
+            "fits+AC")  # fmt: skip
+    print("{:<6} {:<16} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>8}".format(*head))
     for r in rows:
-        gib = [r[k] / GiB for k in ("params", "grads", "optimizer", "activations",
+        gib = [r[k] / GiB for k in ("params", "grads", "optimizer", "buffers", "activations",
                                     "activations_ac")]  # fmt: skip
-        print("{:<6} {:<16} {:>8.3f} {:>8.3f} {:>8.3f} {:>8.3f} {:>8.3f} {:>5} {:>8}".format(
-            r["engine"], r["offload"], *gib, "yes" if r["fits"] else "no",
-            "yes" if r["fits_ac"] else "no"))  # fmt: skip
+        row = "{:<6} {:<16}" + " {:>8.3f}" * len(gib) + " {:>5} {:>8}"
+        print(row.format(r["engine"], r["offload"], *gib, "yes" if r["fits"] else "no",
+                         "yes" if r["fits_ac"] else "no"))  # fmt: skip
     return 0

@@ -260,6 +260,69 @@ def test_zero3_frees_gathered_weights_after_forward_as_fsdp(shapes, tmp_path, re
         assert seen["gathered"] == seen["whole"]
 
 
+BUCKETS = """
+import json, sys
+from core import distributed
+from core.engines import build_engine
+from core.loop import build_task, seed_everything, train_step
+from core.recipe import load_config
+
+cfg = load_config("tiny_siglip", json.loads(sys.argv[1]))
+dist = distributed.init_distributed("gloo")
+seed_everything(0)
+task = build_task(cfg)
+stream = task.train_stream(dist)
+trained = sum(p.numel() for p in task.parameters() if p.requires_grad)  # before ZeRO-3 takes them
+engine = build_engine(task, cfg, dist, 1e-3, 10)
+held = []
+
+
+def record(grad):  # while backward runs: the buckets DeepSpeed has allocated
+    buffers = [b for bucket in engine.optimizer.ipg_buckets.values()
+               for b in (bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer])]
+    held[-1] = max(held[-1], sum(b.numel() * b.element_size() for b in buffers if b is not None))
+
+
+for p in task.parameters():
+    if p.requires_grad:
+        p.register_hook(record)
+batches = iter(stream)
+for _ in range(2):
+    held.append(0)
+    train_step(task, engine, batches, 1, dist)
+print(json.dumps({"held": held, "trained": trained}))
+"""
+
+
+@pytest.mark.parametrize("kind", DEEPSPEED)
+def test_plan_counts_deepspeeds_gradient_buckets(shapes, tmp_path, kind):
+    """`buffers_per_rank` (what `vlscale plan` adds for ZeRO) equals the bytes of the gradient
+    buckets DeepSpeed holds in a real backward: ZeRO-2 two of reduce_bucket_size elements with
+    overlap_comm, ZeRO-3 one, fp32 here."""
+    user = json.loads((ROOT / "ds_configs" / f"{kind}.json").read_text())
+    user["zero_optimization"]["reduce_bucket_size"] = 10_000  # below the tiny model's size
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(user))
+    over = tiny_overrides(shapes, tmp_path / "run", 2, **{"engine.kind": kind,
+                          "engine.ds_config": str(path)})  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    command = [sys.executable, "-c", BUCKETS, json.dumps(over)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["trained"] > 10_000
+    planned = ENGINES[kind].buffers_per_rank(load_config("tiny_siglip", over), seen["trained"], 1)
+    assert planned == {"zero2": 2, "zero3": 1}[kind] * 10_000 * 4
+    assert seen["held"] == [planned, planned]
+    # a bucket larger than the model is filled (resident) only up to the model's gradients
+    user["zero_optimization"]["reduce_bucket_size"] = 10**9
+    path.write_text(json.dumps(user))
+    big = ENGINES[kind].buffers_per_rank(load_config("tiny_siglip", over), seen["trained"], 1)
+    assert big == planned // 10_000 * seen["trained"]
+
+
 def test_user_ds_config_keeps_its_own_reuse_distance(shapes, tmp_path):
     user = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
     user["zero_optimization"]["stage3_max_reuse_distance"] = 12345  # the finer knob, kept

@@ -39,6 +39,14 @@ class Engine:
     # (core/lazy_tensors.py) and the engine reads each rank's shards of them (fsdp).
     loads_into_shards: bool = False
 
+    @staticmethod
+    def buffers_per_rank(cfg, t: int, w: int) -> int:
+        """Bytes a rank holds, beyond model state and activations, in buffers the engine
+        allocates at a size of its own (communication buckets), for a run config `cfg` with T
+        trained parameters on W ranks. None here: ddp's buckets are the gradients
+        (gradient_as_bucket_view), fsdp reduces one block's gradients at a time."""
+        return 0
+
     def load_resharded(self, directory) -> None:
         """Load a checkpoint written by another number of ranks (only if `can_reshard`). Formats
         that are independent of the world size (a full replica, DCP) load as they are."""

@@ -517,6 +517,19 @@ def _span(chunks: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
 
 
+def _bucket_bytes(cfg: Config, t: int, w: int, dtype_key: str | None) -> tuple[dict, int]:
+    """(the run's resolved ZeRO section, bytes of one gradient bucket): `reduce_bucket_size`
+    elements (DeepSpeed's default 5e8 where the JSON has none) of the dtype named at
+    `dtype_key` (None: the training dtype). A bucket is allocated whole but filled by
+    gradients, so at most T elements of it are ever resident."""
+    ds = build_ds_config(cfg, w)
+    zero = ds["zero_optimization"]
+    training = "bf16" if cfg.engine.precision == "bf16" else "fp32"
+    name = _dtype_name(_get(ds, dtype_key)) if dtype_key else training
+    elements = min(int(zero.get("reduce_bucket_size", 500_000_000)), t)
+    return zero, elements * (4 if name == "fp32" else 2)
+
+
 class Zero2Engine(DeepSpeedEngine):
     """kind zero2: DeepSpeed ZeRO-2, optimizer state and gradients sharded."""
 
@@ -537,6 +550,16 @@ class Zero2Engine(DeepSpeedEngine):
         if offload != "none":
             out["optimizer"] = 0
         return {k: int(v) for k, v in out.items()}
+
+    @staticmethod
+    def buffers_per_rank(cfg: Config, t: int, w: int) -> int:
+        """ZeRO-2's gradient buckets: one of `reduce_bucket_size` elements in the training
+        dtype, two with overlap_comm (a second one is filled while the first is reduced;
+        stage_1_and_2.py setup_buckets), allocated before every backward."""
+        zero, one = _bucket_bytes(cfg, t, w, None)
+        if not zero.get("contiguous_gradients", True):
+            return 0
+        return one * (2 if zero.get("overlap_comm", False) else 1)
 
 
 class Zero3Engine(DeepSpeedEngine):
@@ -560,6 +583,14 @@ class Zero3Engine(DeepSpeedEngine):
         if offload != "none":
             out["optimizer"] = 0
         return {k: int(v) for k, v in out.items()}
+
+    @staticmethod
+    def buffers_per_rank(cfg: Config, t: int, w: int) -> int:
+        """ZeRO-3's gradient bucket: `reduce_bucket_size` elements in the communication dtype
+        (fp32 unless the JSON says bf16), allocated once with contiguous_gradients (stage3.py:
+        the IPG bucket gradients are copied into before each reduce-scatter)."""
+        zero, one = _bucket_bytes(cfg, t, w, "communication_data_type")
+        return one if zero.get("contiguous_gradients", True) else 0
 
 
 def _owned(param: torch.nn.Parameter, rank: int) -> torch.Tensor:
