@@ -208,9 +208,9 @@ def test_ds_config_is_generated_from_the_run_config(shapes, tmp_path, kind, offl
     assert ("offload_param" in zero) == (offload == "optimizer+params")
 
 
-# After the third step's forward, before its backward (ZeRO-3's trace is complete after the first
-# step): how many of the task's parameters are gathered. One process, ZeRO-3 over world size 1.
-GATHERED_AFTER_FORWARD = """
+# The start of a one-process engine script (world size 1, gloo): tiny_siglip with the overrides
+# of argv[1], its task, stream and engine; `trained` counted before ZeRO-3 partitions the task.
+ENGINE_SCRIPT = """
 import json, sys
 from core import distributed
 from core.engines import build_engine
@@ -222,7 +222,25 @@ dist = distributed.init_distributed("gloo")
 seed_everything(0)
 task = build_task(cfg)
 stream = task.train_stream(dist)
+trained = sum(p.numel() for p in task.parameters() if p.requires_grad)
 engine = build_engine(task, cfg, dist, 1e-3, 10)
+"""
+
+
+def run_engine_script(script: str, overrides: list[str]) -> dict:
+    """ENGINE_SCRIPT + `script` in a process of its own; the JSON of its last line."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
+    command = [sys.executable, "-c", ENGINE_SCRIPT + script, json.dumps(overrides)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# After the third step's forward, before its backward (ZeRO-3's trace is complete after the first
+# step): how many of the task's parameters are gathered. One process, ZeRO-3 over world size 1.
+GATHERED_AFTER_FORWARD = """
 gathered = []
 task.register_forward_hook(  # after ZeRO-3's own hook: what it released is released
     lambda *_: gathered.append(sum(p.ds_numel for p in task.parameters()
@@ -247,33 +265,15 @@ def test_zero3_frees_gathered_weights_after_forward_as_fsdp(shapes, tmp_path, re
     cfg = load_config("tiny_siglip", over)
     reuse = build_ds_config(cfg, 1)["zero_optimization"]["stage3_max_reuse_distance"]
     assert reuse == (0 if reshard else 1_000_000_000)  # DeepSpeed's default for false
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
-    command = [sys.executable, "-c", GATHERED_AFTER_FORWARD, json.dumps(over)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = run_engine_script(GATHERED_AFTER_FORWARD, over)
     if reshard:
         assert seen["gathered"] == 0
     else:
         assert seen["gathered"] == seen["whole"]
 
 
+# The bytes of the gradient buckets DeepSpeed holds while each of two backwards runs.
 BUCKETS = """
-import json, sys
-from core import distributed
-from core.engines import build_engine
-from core.loop import build_task, seed_everything, train_step
-from core.recipe import load_config
-
-cfg = load_config("tiny_siglip", json.loads(sys.argv[1]))
-dist = distributed.init_distributed("gloo")
-seed_everything(0)
-task = build_task(cfg)
-stream = task.train_stream(dist)
-trained = sum(p.numel() for p in task.parameters() if p.requires_grad)  # before ZeRO-3 takes them
-engine = build_engine(task, cfg, dist, 1e-3, 10)
 held = []
 
 
@@ -305,13 +305,7 @@ def test_plan_counts_deepspeeds_gradient_buckets(shapes, tmp_path, kind):
     path.write_text(json.dumps(user))
     over = tiny_overrides(shapes, tmp_path / "run", 2, **{"engine.kind": kind,
                           "engine.ds_config": str(path)})  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
-    command = [sys.executable, "-c", BUCKETS, json.dumps(over)]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = run_engine_script(BUCKETS, over)
     assert seen["trained"] > 10_000
     planned = ENGINES[kind].buffers_per_rank(load_config("tiny_siglip", over), seen["trained"], 1)
     assert planned == {"zero2": 2, "zero3": 1}[kind] * 10_000 * 4
