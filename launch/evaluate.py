@@ -6,6 +6,14 @@ Loads the run's newest checkpoint (any engine; `--step N` another) and runs each
 eval.evaluators. Each evaluator's metrics are printed (JSON) and written with the step and the
 options to RUN_DIR/eval_<NAME>.json; training's eval.json is left as it is. It evaluates in
 bf16 autocast when the run trained in bf16 (as training's evaluation does), unless --fp32.
+
+Under torchrun (`torchrun --nproc_per_node N -m launch.cli eval RUN_DIR ...`) it evaluates as
+training does: every rank builds the run's engine, loads the checkpoint into it (its own shards
+under fsdp, resharded from any world size; under zero3 DeepSpeed's partitions) and runs the
+evaluators on its share of the data, through the sharded model in lockstep where the engine
+evaluates sharded (`eval.sharded`: fsdp) — no rank then reads or holds the whole model; zero3
+evaluates in a full copy on every rank, as a training job that has run no forward does, and so
+does `--fp32` on a bf16 run (the fp32 masters). In one process the whole model is loaded.
 """
 
 from __future__ import annotations
@@ -47,13 +55,18 @@ def evaluate(run_dir: str | Path, declared: list | None = None, step: int | None
              batch_size: int | None = None, fp32: bool = False) -> dict[str, dict]:  # fmt: skip
     """{evaluator name: its metrics} of a run's checkpoint for `declared` (eval.evaluators
     entries; None: the run's), each also written to RUN_DIR/eval_<name>.json with the step and
-    its options."""
-    from core.config import ConfigError
-    from core.distributed import DistInfo
-    from core.evaluators import EvalContext, build_evaluators, resolve_evaluators
+    its options. Under torchrun (WORLD_SIZE > 1) every rank takes part (see the module doc);
+    the metrics are returned on rank 0 ({} on the others)."""
+    from core.evaluators import resolve_evaluators
 
     if declared is not None:  # bad names and options fail before the checkpoint is read
         declared = resolve_evaluators(declared)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _evaluate_distributed(run_dir, declared, step, batch_size, fp32)
+    from core.config import ConfigError
+    from core.distributed import DistInfo
+    from core.evaluators import EvalContext, build_evaluators
+
     task, cfg, step = load_run(run_dir, step)
     declared = cfg.eval.evaluators if declared is None else declared
     if not declared:
@@ -70,15 +83,72 @@ def evaluate(run_dir: str | Path, declared: list | None = None, step: int | None
     ctx = EvalContext(cfg=cfg, dist=dist, step=step, run_dir=Path(run_dir))  # one round
     results = {}
     for entry, evaluator in zip(declared, evaluators, strict=True):
-        ((name, options),) = entry.items()
         with torch.no_grad(), autocast:
             metrics = evaluator(task, ctx)
-        results[name] = metrics
-        out = Path(run_dir) / f"eval_{name}.json"
-        tmp = out.with_name(out.name + ".tmp")
-        record = {"step": step, "evaluator": name, "options": options, "metrics": metrics}
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, out)
+        results[_write(run_dir, entry, step, metrics, sharded=False)] = metrics
+    return results
+
+
+def _write(run_dir: str | Path, entry: dict, step: int, metrics: dict, sharded: bool) -> str:
+    """RUN_DIR/eval_<name>.json of one evaluator's metrics (replaced whole); returns the name."""
+    ((name, options),) = entry.items()
+    out = Path(run_dir) / f"eval_{name}.json"
+    tmp = out.with_name(out.name + ".tmp")
+    record = {"step": step, "evaluator": name, "options": options, "sharded": sharded,
+              "metrics": metrics}  # fmt: skip
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out)
+    return name
+
+
+def _evaluate_distributed(run_dir, declared, step, batch_size, fp32) -> dict[str, dict]:
+    """Every rank: the run's task and engine built as training builds them (the weights of
+    Hugging Face checkpoints left unread under fsdp, whose ranks read their shards), the
+    checkpoint loaded into the engine, the evaluators run as training's evaluation runs them."""
+    import yaml
+
+    from core import distributed
+    from core.checkpoint import Checkpointer
+    from core.config import ConfigError
+    from core.consolidate import checkpoint_dir
+    from core.engines import build_engine, engine_class
+    from core.evaluators import EvalContext, build_evaluators
+    from core.lazy_tensors import StandIns
+    from core.loop import seed_everything
+    from core.recipe import config_from_dict
+    from core.tasks import build_task
+
+    cfg = config_from_dict(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+    declared = cfg.eval.evaluators if declared is None else declared
+    if not declared:
+        raise ConfigError(f"{run_dir} declares no eval.evaluators: give --evaluator NAME")
+    if batch_size:
+        cfg.eval.batch_size = batch_size
+    dist = distributed.init_distributed(cfg.launch.backend, cfg.launch.timeout_minutes)
+    path = Path(distributed.broadcast_object(str(checkpoint_dir(run_dir, step))))
+    seed_everything(cfg.seed)  # as training built the task (weights it rebuilds, not loads)
+    into_shards = engine_class(cfg.engine.kind).loads_into_shards
+    with StandIns().active() if into_shards else contextlib.nullcontext():
+        task = build_task(cfg)
+        evaluators = build_evaluators(declared, task)
+        engine = build_engine(task, cfg, dist, cfg.optim.lr, 1)
+    step, _ = Checkpointer(Path(run_dir), dist, cfg.checkpoint.keep).load(path, engine)
+    ctx = EvalContext(cfg=cfg, dist=dist, step=step, run_dir=Path(run_dir))
+    # --fp32 on a bf16 run: the fp32 master weights in the full copy, without autocast (the
+    # sharded model computes in the bf16 weights it trains with)
+    masters = fp32 and cfg.engine.precision == "bf16"
+    sharded = engine.evaluates_sharded(cfg.eval.sharded and not masters)
+    autocast = contextlib.nullcontext() if masters else engine.autocast()
+    results = {}
+    with engine.eval_model(sharded) as model, distributed.lockstep(sharded), torch.no_grad(), \
+            autocast:  # fmt: skip
+        model.eval()
+        for entry, evaluator in zip(declared, evaluators, strict=True):
+            metrics = evaluator(model, ctx)
+            if dist.is_main:
+                results[_write(run_dir, entry, step, metrics, sharded)] = metrics
+    distributed.barrier()
+    distributed.cleanup()
     return results
 
 
@@ -90,5 +160,6 @@ def main(args) -> int:
         declared = [{name: dict(parse_override(o) for o in options)}
                     for name, *options in args.evaluator]  # fmt: skip
     results = evaluate(args.run_dir, declared, args.step, args.batch_size, args.fp32)
-    print(json.dumps(results, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 has the metrics
+        print(json.dumps(results, indent=2))
     return 0

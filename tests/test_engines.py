@@ -570,6 +570,32 @@ def test_a_job_resumed_at_the_last_step_evaluates_sharded_before_any_forward(
     assert evaluated == json.loads((straight / kind / "eval.json").read_text())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fsdp", "zero3"])
+def test_offline_eval_under_torchrun_evaluates_as_training_did(straight, tmp_path, kind):
+    """`torchrun ... vlscale eval RUN` on 2 ranks: each rank builds the run's engine, loads its
+    part of the final checkpoint and evaluates its share of the data; fsdp through the sharded
+    model (no rank holds the whole), zero3 in the full copy (no forward has run: see
+    Zero3Engine.evaluates_sharded). Every metric equals the run's own final evaluation."""
+    import shutil
+
+    run = tmp_path / kind
+    shutil.copytree(straight / kind, run)
+    proc = run_cli(["eval", str(run)], nproc=2, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0
+    trained = json.loads((run / "eval.json").read_text())
+    got = {}
+    for name in ("retrieval", "zeroshot", "linear_probe"):
+        record = json.loads((run / f"eval_{name}.json").read_text())
+        assert record["step"] == STEPS and record["sharded"] == (kind == "fsdp"), record
+        got.update(record["metrics"])
+    assert got == {k: v for k, v in trained.items() if k != "step"}
+    retrieval = json.loads((run / "eval_retrieval.json").read_text())["metrics"]
+    printed = out[out.index("{\n") :]  # after DeepSpeed's own lines
+    assert json.loads(printed)["retrieval"] == retrieval  # printed once, by rank 0
+
+
 # `vlscale train` recording, on rank 0, the weights each evaluation copy holds and the dtype of
 # every reducing torch.distributed call (DeepSpeed's gradient reductions, the loop's loss sums).
 RECORD = """
