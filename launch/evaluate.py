@@ -101,48 +101,67 @@ def _write(run_dir: str | Path, entry: dict, step: int, metrics: dict, sharded: 
     return name
 
 
-def _evaluate_distributed(run_dir, declared, step, batch_size, fp32) -> dict[str, dict]:
-    """Every rank: the run's task and engine built as training builds them (the weights of
-    Hugging Face checkpoints left unread under fsdp, whose ranks read their shards), the
-    checkpoint loaded into the engine, the evaluators run as training's evaluation runs them."""
+def load_run_sharded(run_dir: str | Path, step: int | None = None):
+    """Under torchrun, on every rank: (engine with the checkpoint loaded, its Config, the
+    checkpoint's step, DistInfo). The run's task and engine are built as training builds them
+    (the weights of Hugging Face checkpoints left unread under fsdp, whose ranks read their
+    shards); the checkpoint loads into the engine from any world size."""
     import yaml
 
     from core import distributed
     from core.checkpoint import Checkpointer
-    from core.config import ConfigError
     from core.consolidate import checkpoint_dir
     from core.engines import build_engine, engine_class
-    from core.evaluators import EvalContext, build_evaluators
     from core.lazy_tensors import StandIns
     from core.loop import seed_everything
     from core.recipe import config_from_dict
     from core.tasks import build_task
 
     cfg = config_from_dict(yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+    dist = distributed.init_distributed(cfg.launch.backend, cfg.launch.timeout_minutes)
+    path = Path(distributed.broadcast_object(str(checkpoint_dir(run_dir, step))))
+    seed_everything(cfg.seed)  # as training built the task (weights it rebuilds, not loads)
+    with StandIns().active() if engine_class(cfg.engine.kind).loads_into_shards \
+            else contextlib.nullcontext():  # fmt: skip
+        engine = build_engine(build_task(cfg), cfg, dist, cfg.optim.lr, 1)
+    step, _ = Checkpointer(Path(run_dir), dist, cfg.checkpoint.keep).load(path, engine)
+    return engine, cfg, step, dist
+
+
+@contextlib.contextmanager
+def sharded_eval_model(engine, cfg, fp32: bool = False):
+    """(model, sharded) for evaluation or generation on every rank, as training evaluates:
+    the sharded task in lockstep where the engine evaluates sharded (eval.sharded), else a full
+    copy; bf16 autocast in bf16 runs. `fp32` on a bf16 run: the fp32 master weights in the full
+    copy, without autocast (the sharded model computes in the bf16 weights it trains with)."""
+    from core import distributed
+
+    masters = fp32 and cfg.engine.precision == "bf16"
+    sharded = engine.evaluates_sharded(cfg.eval.sharded and not masters)
+    autocast = contextlib.nullcontext() if masters else engine.autocast()
+    with engine.eval_model(sharded) as model, distributed.lockstep(sharded), torch.no_grad(), \
+            autocast:  # fmt: skip
+        model.eval()
+        yield model, sharded
+
+
+def _evaluate_distributed(run_dir, declared, step, batch_size, fp32) -> dict[str, dict]:
+    """Every rank: the run's engine with its checkpoint (`load_run_sharded`), the evaluators
+    run as training's evaluation runs them."""
+    from core import distributed
+    from core.config import ConfigError
+    from core.evaluators import EvalContext, build_evaluators
+
+    engine, cfg, step, dist = load_run_sharded(run_dir, step)
     declared = cfg.eval.evaluators if declared is None else declared
     if not declared:
         raise ConfigError(f"{run_dir} declares no eval.evaluators: give --evaluator NAME")
     if batch_size:
         cfg.eval.batch_size = batch_size
-    dist = distributed.init_distributed(cfg.launch.backend, cfg.launch.timeout_minutes)
-    path = Path(distributed.broadcast_object(str(checkpoint_dir(run_dir, step))))
-    seed_everything(cfg.seed)  # as training built the task (weights it rebuilds, not loads)
-    into_shards = engine_class(cfg.engine.kind).loads_into_shards
-    with StandIns().active() if into_shards else contextlib.nullcontext():
-        task = build_task(cfg)
-        evaluators = build_evaluators(declared, task)
-        engine = build_engine(task, cfg, dist, cfg.optim.lr, 1)
-    step, _ = Checkpointer(Path(run_dir), dist, cfg.checkpoint.keep).load(path, engine)
+    evaluators = build_evaluators(declared, engine.task)
     ctx = EvalContext(cfg=cfg, dist=dist, step=step, run_dir=Path(run_dir))
-    # --fp32 on a bf16 run: the fp32 master weights in the full copy, without autocast (the
-    # sharded model computes in the bf16 weights it trains with)
-    masters = fp32 and cfg.engine.precision == "bf16"
-    sharded = engine.evaluates_sharded(cfg.eval.sharded and not masters)
-    autocast = contextlib.nullcontext() if masters else engine.autocast()
     results = {}
-    with engine.eval_model(sharded) as model, distributed.lockstep(sharded), torch.no_grad(), \
-            autocast:  # fmt: skip
-        model.eval()
+    with sharded_eval_model(engine, cfg, fp32) as (model, sharded):
         for entry, evaluator in zip(declared, evaluators, strict=True):
             metrics = evaluator(model, ctx)
             if dist.is_main:

@@ -4,6 +4,12 @@ Loads the run's newest checkpoint (any engine; LoRA adapters included), builds t
 prompt as training, and decodes with the KV cache: greedy by default, or sampling (temperature,
 top-k, top-p) or beam search. Several --prompt (or a --batch JSONL of {"prompt", "images"}) are
 answered in one left-padded batch.
+
+Under torchrun (`torchrun --nproc_per_node N -m launch.cli generate RUN_DIR ...`) every rank
+builds the run's engine and loads its part of the checkpoint (`vlscale eval`'s
+`load_run_sharded`), answers its share of the requests through the sharded model in lockstep
+(fsdp: no rank holds the whole model; zero3 in a full copy), and rank 0 prints every answer in
+the requests' order.
 """
 
 from __future__ import annotations
@@ -53,9 +59,13 @@ def answer(task, items: list[tuple[str, list[Path]]], device, max_new_tokens: in
 
 
 def main(args) -> int:
+    import os
+
     from core.tasks import Generative
     from launch.export import consolidated
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _main_distributed(args)
     task, cfg, _ = consolidated(args.run_dir, args.step)
     if not isinstance(task, Generative):
         raise SystemExit(f"vlscale generate: {args.run_dir} is a task.kind={cfg.task.kind} run, "
@@ -69,7 +79,43 @@ def main(args) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         num_beams=args.num_beams,
     )  # fmt: skip
+    show(items, answers)
+    return 0
+
+
+def show(items: list[tuple[str, list[Path]]], answers: list[str]) -> None:
     for (prompt, images), text in zip(items, answers, strict=True):
         where = ", ".join(str(p) for p in images) or "no image"
         print(f"[{where}] {prompt}\n-> {text}")
+
+
+def _main_distributed(args) -> int:
+    """Every rank answers requests rank, rank + W, ... (a rank with none answers the first and
+    drops it: every forward is a collective); rank 0 gathers and prints them in order."""
+    from core import distributed
+    from core.tasks import Generative
+    from launch.evaluate import load_run_sharded, sharded_eval_model
+
+    items = requests(args)  # bad arguments fail before the checkpoint is read
+    engine, cfg, _, dist = load_run_sharded(args.run_dir, args.step)
+    if not isinstance(engine.task, Generative):
+        raise SystemExit(f"vlscale generate: {args.run_dir} is a task.kind={cfg.task.kind} run, "
+                         "whose task does not generate")  # fmt: skip
+    torch.manual_seed(args.seed + dist.rank)
+    mine = items[dist.rank :: dist.world_size] or items[:1]
+    with sharded_eval_model(engine, cfg) as (model, _):
+        answers = answer(
+            model, mine, dist.device, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            num_beams=args.num_beams,
+        )  # fmt: skip
+    if dist.rank >= len(items):
+        answers = []  # the borrowed request's
+    gathered = distributed.all_gather_object(answers)
+    if dist.is_main:
+        ordered = [None] * len(items)
+        for rank, theirs in enumerate(gathered):
+            ordered[rank :: dist.world_size] = theirs
+        show(items, ordered)
+    distributed.cleanup()
     return 0

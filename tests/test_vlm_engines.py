@@ -93,6 +93,34 @@ def test_sharded_evaluation_generates_in_lockstep_as_ddp_does(straight):
 
 
 @pytest.mark.slow
+def test_generate_under_torchrun_answers_as_one_process_does(straight, tmp_path):
+    """`torchrun ... vlscale generate RUN` on 2 ranks: each rank loads its shards of the fsdp
+    run's checkpoint and answers every other request through the sharded model in lockstep
+    (rank 1 gets one, rank 0 two); rank 0 prints them all, in order, word for word what one
+    process with the whole model answers (greedy, fp32)."""
+    import random
+
+    from core.data.synthetic import render, sample_attributes
+
+    image = tmp_path / "scene.png"
+    render(sample_attributes(random.Random(7)), 64).save(image)
+    asked = ["What colour is the shape at the top right?", "How many shapes are there?",
+             "What shape is at the center?"]  # fmt: skip
+    args = ["generate", str(straight / "fsdp"), "--image", str(image), "--max-new-tokens", "4"]
+    args += [a for prompt in asked for a in ("--prompt", prompt)]
+
+    def answers(nproc: int) -> list[str]:
+        proc = run_cli(args, nproc=nproc, stdout=subprocess.PIPE, text=True)
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0
+        return [line for line in out.splitlines() if line.startswith(("[", "->"))]
+
+    alone = answers(1)
+    assert len(alone) == 2 * len(asked) and all(q in alone[2 * i] for i, q in enumerate(asked))
+    assert answers(2) == alone
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fsdp"])  # sharded adapters: the hardest case
 def test_killed_lora_run_resumes_exactly(vqa, tmp_path, straight, kind):
     from launch.export import consolidated
