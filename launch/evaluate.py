@@ -11,9 +11,9 @@ Under torchrun (`torchrun --nproc_per_node N -m launch.cli eval RUN_DIR ...`) it
 training does: every rank builds the run's engine, loads the checkpoint into it (its own shards
 under fsdp, resharded from any world size; under zero3 DeepSpeed's partitions) and runs the
 evaluators on its share of the data, through the sharded model in lockstep where the engine
-evaluates sharded (`eval.sharded`: fsdp) — no rank then reads or holds the whole model; zero3
-evaluates in a full copy on every rank, as a training job that has run no forward does, and so
-does `--fp32` on a bf16 run (the fp32 masters). In one process the whole model is loaded.
+evaluates sharded (`eval.sharded`: fsdp, zero3) — no rank then holds the whole model; `--fp32`
+on a bf16 run evaluates the fp32 masters in a full copy on every rank. In one process the whole
+model is loaded.
 """
 
 from __future__ import annotations

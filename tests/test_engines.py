@@ -558,9 +558,10 @@ def test_sharded_engines_evaluate_sharded_and_agree_with_ddp(straight):
 def test_a_job_resumed_at_the_last_step_evaluates_sharded_before_any_forward(
     shapes, tmp_path, straight, kind
 ):
-    """Resumed from its final checkpoint, a job has no step left: it only evaluates. fsdp
-    through a sharded model that has run no forward in this process (FSDP2 finds its root
-    then); zero3 in the full copy (see Zero3's evaluates_sharded). Both equal the run's own."""
+    """Resumed from its final checkpoint, a job has no step left: it only evaluates, through a
+    sharded model that has run no forward in this process (FSDP2 finds its root then; ZeRO-3
+    gathers what a module reads without calling its owner: DeepSpeedEngine.sharded_model).
+    Both equal the run's own."""
     final = straight / kind / "checkpoints" / f"step_{STEPS}"
     run = tmp_path / "resumed"
     proc = train_cli(shapes, run, **{"engine.kind": kind, "resume": str(final)})
@@ -574,9 +575,9 @@ def test_a_job_resumed_at_the_last_step_evaluates_sharded_before_any_forward(
 @pytest.mark.parametrize("kind", ["fsdp", "zero3"])
 def test_offline_eval_under_torchrun_evaluates_as_training_did(straight, tmp_path, kind):
     """`torchrun ... vlscale eval RUN` on 2 ranks: each rank builds the run's engine, loads its
-    part of the final checkpoint and evaluates its share of the data; fsdp through the sharded
-    model (no rank holds the whole), zero3 in the full copy (no forward has run: see
-    Zero3Engine.evaluates_sharded). Every metric equals the run's own final evaluation."""
+    part of the final checkpoint and evaluates its share of the data through the sharded model
+    (no rank holds the whole; zero3 too, though no forward has run in the job: see
+    DeepSpeedEngine.sharded_model). Every metric equals the run's own final evaluation."""
     import shutil
 
     run = tmp_path / kind
@@ -588,7 +589,7 @@ def test_offline_eval_under_torchrun_evaluates_as_training_did(straight, tmp_pat
     got = {}
     for name in ("retrieval", "zeroshot", "linear_probe"):
         record = json.loads((run / f"eval_{name}.json").read_text())
-        assert record["step"] == STEPS and record["sharded"] == (kind == "fsdp"), record
+        assert record["step"] == STEPS and record["sharded"], record
         got.update(record["metrics"])
     assert got == {k: v for k, v in trained.items() if k != "step"}
     retrieval = json.loads((run / "eval_retrieval.json").read_text())["metrics"]

@@ -264,7 +264,6 @@ class DeepSpeedEngine(Engine):
         # The schedule drives the groups DeepSpeed steps (the same dicts, params swapped).
         self.scheduler = build_scheduler(self.base_optimizer, cfg.optim, total)
         self.bf16 = cfg.engine.precision == "bf16"
-        self.forwarded = False  # a training forward ran in this job (evaluates_sharded)
         # Training runs DeepSpeed's bf16 weights; autocast is for evaluation (the fp32 copy).
         self.autocast_dtype = torch.bfloat16 if self.bf16 else None
 
@@ -272,18 +271,33 @@ class DeepSpeedEngine(Engine):
     def shards_parameters(self) -> bool:
         return self.stage == 3
 
-    # sharded_model: the task itself; ZeRO-3's hooks gather each module's parameters while it
-    # runs, whichever method of the task calls it.
+    @contextlib.contextmanager
+    def sharded_model(self):
+        """The task itself: ZeRO-3's hooks gather each module's parameters while it runs,
+        whichever method of the task calls it. Every module is marked as in a forward, as
+        DeepSpeed's own forward marks them: a parameter read by a module other than its owner
+        (the vision tower's position table, which its parent reads without calling the
+        Embedding that owns it) is then gathered and registered as that module's external
+        parameter, as in training's first forward. Unmarked, a job that had run no training
+        forward (resumed at its last step; `vlscale eval`) read the partition's 0 elements
+        ("cannot reshape tensor of 0 elements")."""
+        from deepspeed.runtime.zero.parameter_offload import (
+            ZeROOrderedDict,
+            ensure_zero_ordered_dict,
+        )
 
-    def evaluates_sharded(self, sharded: bool) -> bool:
-        # Not before this job's first training forward (a job resumed at its last step only
-        # evaluates): the vision tower's position table, read by its parent without calling
-        # the module that owns it, is then still partitioned (measured: "cannot reshape tensor
-        # of 0 elements"); the full copy evaluates instead.
-        return super().evaluates_sharded(sharded) and self.forwarded
+        modules = list(self.task.modules())
+        for module in modules:
+            ensure_zero_ordered_dict(module)
+            module._parameters._in_forward = True
+        try:
+            yield self.task
+        finally:
+            for module in modules:
+                if isinstance(module._parameters, ZeROOrderedDict):
+                    module._parameters._in_forward = False
 
     def forward_backward(self, batch: dict, loss_scale: float, sync: bool):  # -> TaskOutput
-        self.forwarded = True
         if self.bf16:  # the model's weights are bf16: so are its floating inputs
             batch = {
                 k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v
