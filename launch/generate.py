@@ -8,14 +8,15 @@ answered in one left-padded batch.
 Under torchrun (`torchrun --nproc_per_node N -m launch.cli generate RUN_DIR ...`) every rank
 builds the run's engine and loads its part of the checkpoint (`vlscale eval`'s
 `load_run_sharded`), answers its share of the requests through the sharded model in lockstep
-(fsdp: no rank holds the whole model; zero3 in a full copy), and rank 0 prints every answer in
-the requests' order.
+(fsdp, zero3: no rank holds the whole model), and rank 0 prints every answer in the requests'
+order.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -84,9 +85,14 @@ def main(args) -> int:
 
 
 def show(items: list[tuple[str, list[Path]]], answers: list[str]) -> None:
+    """Every request and its answer, in one write: under torchrun the other ranks' log lines
+    (DeepSpeed's) share stdout and must not land inside one of them."""
+    lines = []
     for (prompt, images), text in zip(items, answers, strict=True):
         where = ", ".join(str(p) for p in images) or "no image"
-        print(f"[{where}] {prompt}\n-> {text}")
+        lines.append(f"[{where}] {prompt}\n-> {text}\n")
+    sys.stdout.write("".join(lines))
+    sys.stdout.flush()
 
 
 def _main_distributed(args) -> int:
