@@ -50,6 +50,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def building_for(kind: str):
+    """Context manager to build a task in for engine `kind`: under an engine that loads into
+    shards, the weights of Hugging Face checkpoints are stand-ins until the engine reads each
+    rank's shards of them (no rank reads them whole)."""
+    return StandIns().active() if engine_class(kind).loads_into_shards else contextlib.nullcontext()
+
+
 def total_steps(cfg: Config, global_batch: int, train_samples: int | None) -> int:
     if cfg.optim.epochs > 0:
         if not train_samples:
@@ -87,10 +94,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
     distributed.barrier()
     seed_everything(cfg.seed)  # same init on every rank
 
-    # Under an engine that loads into shards, the weights of Hugging Face checkpoints are
-    # stand-ins until the engine reads each rank's shards of them (no rank reads them whole).
-    into_shards = engine_class(cfg.engine.kind).loads_into_shards
-    with StandIns().active() if into_shards else contextlib.nullcontext():
+    with building_for(cfg.engine.kind):
         task = build_task(cfg)
         evaluators = build_evaluators(cfg.eval.evaluators, task)
         seed_everything(cfg.seed + 1000 * dist.rank)  # per-rank randomness from here on

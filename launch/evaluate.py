@@ -111,9 +111,8 @@ def load_run_sharded(run_dir: str | Path, step: int | None = None):
     from core import distributed
     from core.checkpoint import Checkpointer
     from core.consolidate import checkpoint_dir
-    from core.engines import build_engine, engine_class
-    from core.lazy_tensors import StandIns
-    from core.loop import seed_everything
+    from core.engines import build_engine
+    from core.loop import building_for, seed_everything
     from core.recipe import config_from_dict
     from core.tasks import build_task
 
@@ -121,8 +120,7 @@ def load_run_sharded(run_dir: str | Path, step: int | None = None):
     dist = distributed.init_distributed(cfg.launch.backend, cfg.launch.timeout_minutes)
     path = Path(distributed.broadcast_object(str(checkpoint_dir(run_dir, step))))
     seed_everything(cfg.seed)  # as training built the task (weights it rebuilds, not loads)
-    with StandIns().active() if engine_class(cfg.engine.kind).loads_into_shards \
-            else contextlib.nullcontext():  # fmt: skip
+    with building_for(cfg.engine.kind):
         engine = build_engine(build_task(cfg), cfg, dist, cfg.optim.lr, 1)
     step, _ = Checkpointer(Path(run_dir), dist, cfg.checkpoint.keep).load(path, engine)
     return engine, cfg, step, dist
