@@ -321,19 +321,14 @@ def run_evaluators(
     metrics: dict = {}
     # fsdp and zero3 evaluate sharded (every forward a collective: the ranks keep pace) unless
     # eval.sharded is false; then, and with ddp and zero2, every rank holds the full weights.
-    sharded = engine.evaluates_sharded(cfg.eval.sharded)
-    with engine.eval_model(cfg.eval.sharded) as model, distributed.lockstep(sharded), \
-            torch.no_grad(), engine.autocast():  # fmt: skip
-        model.eval()
+    with engine.evaluation(cfg.eval.sharded) as (model, _):
         for evaluator in evaluators:
             if stop_voted(dist):
-                model.train()
                 return {}, True
             for key, value in evaluator(model, ctx).items():
                 # A name two evaluators report (vqa's and cot's num_questions): the later one
                 # is qualified by its evaluator's name rather than overwrite the first.
                 metrics[f"{evaluator.name}/{key}" if key in metrics else key] = value
-        model.train()
     if dist.is_main:
         for name, rows in ctx.tables.items():
             logger.table(step, name, rows)

@@ -126,23 +126,6 @@ def load_run_sharded(run_dir: str | Path, step: int | None = None):
     return engine, cfg, step, dist
 
 
-@contextlib.contextmanager
-def sharded_eval_model(engine, cfg, fp32: bool = False):
-    """(model, sharded) for evaluation or generation on every rank, as training evaluates:
-    the sharded task in lockstep where the engine evaluates sharded (eval.sharded), else a full
-    copy; bf16 autocast in bf16 runs. `fp32` on a bf16 run: the fp32 master weights in the full
-    copy, without autocast (the sharded model computes in the bf16 weights it trains with)."""
-    from core import distributed
-
-    masters = fp32 and cfg.engine.precision == "bf16"
-    sharded = engine.evaluates_sharded(cfg.eval.sharded and not masters)
-    autocast = contextlib.nullcontext() if masters else engine.autocast()
-    with engine.eval_model(sharded) as model, distributed.lockstep(sharded), torch.no_grad(), \
-            autocast:  # fmt: skip
-        model.eval()
-        yield model, sharded
-
-
 def _evaluate_distributed(run_dir, declared, step, batch_size, fp32) -> dict[str, dict]:
     """Every rank: the run's engine with its checkpoint (`load_run_sharded`), the evaluators
     run as training's evaluation runs them."""
@@ -159,7 +142,7 @@ def _evaluate_distributed(run_dir, declared, step, batch_size, fp32) -> dict[str
     evaluators = build_evaluators(declared, engine.task)
     ctx = EvalContext(cfg=cfg, dist=dist, step=step, run_dir=Path(run_dir))
     results = {}
-    with sharded_eval_model(engine, cfg, fp32) as (model, sharded):
+    with engine.evaluation(cfg.eval.sharded, fp32_masters=fp32) as (model, sharded):
         for entry, evaluator in zip(declared, evaluators, strict=True):
             metrics = evaluator(model, ctx)
             if dist.is_main:

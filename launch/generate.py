@@ -100,7 +100,7 @@ def _main_distributed(args) -> int:
     drops it: every forward is a collective); rank 0 gathers and prints them in order."""
     from core import distributed
     from core.tasks import Generative
-    from launch.evaluate import load_run_sharded, sharded_eval_model
+    from launch.evaluate import load_run_sharded
 
     items = requests(args)  # bad arguments fail before the checkpoint is read
     engine, cfg, _, dist = load_run_sharded(args.run_dir, args.step)
@@ -109,7 +109,7 @@ def _main_distributed(args) -> int:
                          "whose task does not generate")  # fmt: skip
     torch.manual_seed(args.seed + dist.rank)
     mine = items[dist.rank :: dist.world_size] or items[:1]
-    with sharded_eval_model(engine, cfg) as (model, _):
+    with engine.evaluation(cfg.eval.sharded) as (model, _):
         answers = answer(
             model, mine, dist.device, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

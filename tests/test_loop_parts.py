@@ -192,15 +192,14 @@ def test_two_evaluators_reporting_one_name_keep_both(tmp_path):
         def __call__(self, model, ctx):
             return dict(self.metrics)
 
-    class Replica:  # an engine whose model is the task itself
+    from core.engines.base import Engine
+
+    class Replica(Engine):  # an engine whose model is the task itself
         def evaluates_sharded(self, sharded):
             return False
 
         def eval_model(self, sharded):
             return contextlib.nullcontext(torch.nn.Linear(1, 1))
-
-        def autocast(self):
-            return contextlib.nullcontext()
 
     cfg = load_config("tiny_siglip", [f"run_dir={tmp_path}", "logging.wandb.mode=disabled"])
     logger = MetricsLogger(cfg, True, 0, 5)

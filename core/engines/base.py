@@ -106,6 +106,26 @@ class Engine:
         shard their parameters)."""
         return contextlib.nullcontext(self.task)
 
+    @contextlib.contextmanager
+    def evaluation(self, sharded: bool, fp32_masters: bool = False):
+        """(model, whether it is the sharded task) to evaluate or generate with on every rank,
+        in eval mode and without gradients: the sharded task in lockstep where
+        `evaluates_sharded(sharded)` (every forward a collective: the ranks keep pace), else a
+        full copy; bf16 autocast in bf16 runs. `fp32_masters` in a bf16 run: the fp32 master
+        weights in the full copy, without autocast (the sharded task computes in the bf16
+        weights it trains with). The model is back in train mode afterwards."""
+        from ..distributed import lockstep
+
+        masters = fp32_masters and self.autocast_dtype is not None
+        sharded = self.evaluates_sharded(sharded and not masters)
+        autocast = contextlib.nullcontext() if masters else self.autocast()
+        with self.eval_model(sharded) as model, lockstep(sharded), torch.no_grad(), autocast:
+            model.eval()
+            try:
+                yield model, sharded
+            finally:
+                model.train()
+
     def evaluates_sharded(self, sharded: bool) -> bool:
         """Whether evaluation runs through the sharded task (eval.sharded on an engine that
         shards its parameters): every forward is then a collective."""
