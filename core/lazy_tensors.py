@@ -82,20 +82,25 @@ class StandIns:
         # storage address -> (shape, dtype, read, the 1-element tensor keeping the address taken)
         self._reads: dict[int, tuple[torch.Size, torch.dtype, Callable, torch.Tensor]] = {}
         self._rows: dict[int, Callable[[int, int], torch.Tensor]] = {}  # where rows read alone
+        self._order: dict[int, int] = {}  # where the order of reading matters (deferred_init)
 
     def stand_in(
         self,
         meta: torch.Tensor,
         read: Callable[[], torch.Tensor],
         read_rows: Callable[[int, int], torch.Tensor] | None = None,
+        order: int = -1,
     ) -> torch.Tensor:
         """A stand-in for a tensor of `meta`'s shape and dtype whose value is `read()`;
-        `read_rows(start, stop)`, if given, reads a range of its rows alone (into shards)."""
+        `read_rows(start, stop)`, if given, reads a range of its rows alone (into shards).
+        Stand-ins are best read by ascending `order` (a replayed build completes them in it)."""
         fill = float("nan") if meta.is_floating_point() else 0
-        one = torch.full((1,) * meta.dim(), fill, dtype=meta.dtype)
+        # On the CPU explicitly: a default-device tensor would be deferred (core/deferred_init.py)
+        one = torch.full((1,) * meta.dim(), fill, dtype=meta.dtype, device="cpu")
         self._reads[one.untyped_storage().data_ptr()] = (meta.shape, meta.dtype, read, one)
         if read_rows is not None:
             self._rows[one.untyped_storage().data_ptr()] = read_rows
+        self._order[one.untyped_storage().data_ptr()] = order
         return one.expand(meta.shape)
 
     def from_lazy(self, lazy: LazyTensors) -> dict[str, torch.Tensor]:
@@ -113,7 +118,10 @@ class StandIns:
         key = tensor.untyped_storage().data_ptr()
         if key in self._rows and self._reads[key][0] == tensor.shape:
             return self._rows[key](start, stop)
-        return self.value(tensor)[start:stop]
+        return self.value(tensor)[start:stop].clone()  # a copy: the whole one is freed
+
+    def order(self, tensor: torch.Tensor) -> int:
+        return self._order[tensor.untyped_storage().data_ptr()]
 
     def is_stand_in(self, tensor: torch.Tensor) -> bool:
         return tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in self._reads

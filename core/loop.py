@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, preemption, runlock
+from . import deferred_init, distributed, preemption, runlock
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError
 from .distributed import to_device
@@ -50,11 +50,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
 def building_for(kind: str):
     """Context manager to build a task in for engine `kind`: under an engine that loads into
-    shards, the weights of Hugging Face checkpoints are stand-ins until the engine reads each
-    rank's shards of them (no rank reads them whole)."""
-    return StandIns().active() if engine_class(kind).loads_into_shards else contextlib.nullcontext()
+    shards, the weights of Hugging Face checkpoints and the randomly initialised ones
+    (core/deferred_init.py) are stand-ins until the engine reads each rank's shards of them (no
+    rank holds them whole)."""
+    if not engine_class(kind).loads_into_shards:
+        yield
+        return
+    with StandIns().active(), deferred_init.deferring():
+        yield
 
 
 def total_steps(cfg: Config, global_batch: int, train_samples: int | None) -> int:
@@ -259,16 +265,18 @@ def save_checkpoint(ckpt: Checkpointer, step: int, engine, stream) -> None:
     if not engine.parameters_finite():
         raise NonFiniteLossError(f"parameters are not finite at step {step}; no checkpoint written")
     ckpt.save(step, engine, {"data": stream.state_dict(),
-                             "rebuilt_digest": engine.task.rebuilt_digest})  # fmt: skip
+                             "rebuilt_sha256": engine.task.rebuilt_digest})  # fmt: skip
 
 
 def check_rebuilt(extra: dict, task, checkpoint: Path) -> None:
     """The weights a checkpoint leaves out to be rebuilt (Task.rebuilt_prefixes: stage 4's
     frozen reference, from task.init_from) must be rebuilt as they were: a resume from a changed
     init_from would continue against another reference, silently."""
-    if "rebuilt_digest" not in extra:  # written before checkpoints recorded it
+    # Written before checkpoints recorded it, or under "rebuilt_digest": one hash over the bytes,
+    # before deferred builds needed a hash per tensor; not checked.
+    if "rebuilt_sha256" not in extra:
         return
-    saved = extra["rebuilt_digest"][0]  # every rank saved the same
+    saved = extra["rebuilt_sha256"][0]  # every rank saved the same
     if saved != task.rebuilt_digest:
         raise ConfigError(
             f"{checkpoint} was written with other rebuilt weights ({task.rebuilt_prefixes()}) "

@@ -85,11 +85,17 @@ def test_fsdp_trains_from_checkpoints_read_into_shards_as_ddp(shapes_dir, tmp_pa
 
 
 def peak_after_engine(shapes: Path, run: Path, towers: tuple[Path, Path]) -> int:
+    args = from_towers(shapes, run / "run", towers, 1, **{"engine.kind": "fsdp"})
+    return peak_after_building(run, args)
+
+
+def peak_after_building(run: Path, args: list[str], **env) -> int:
+    """The largest rank's peak resident memory once tiny_siglip's engine (with `args`) is built
+    on 2 ranks, its weights read (`env`: more environment variables)."""
     run.mkdir(parents=True)
     script = run / "record.py"
     script.write_text(textwrap.dedent(RECORD.format(root=str(ROOT), out=str(run))))
-    args = from_towers(shapes, run / "run", towers, 1, **{"engine.kind": "fsdp"})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", str(script), "train", "tiny_siglip",
            *args]  # fmt: skip

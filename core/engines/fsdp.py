@@ -66,8 +66,9 @@ class FSDPEngine(Engine):
         self.scalar_names = lift_scalars(task)
         prepare(task, e)
         unread = {}
-        if stand_ins:  # the stand-ins become meta parameters: fully_shard shards them unread
-            unread = {n: p for n, p in task.named_parameters() if stand_ins.is_stand_in(p)}
+        if stand_ins:  # the stand-ins become meta tensors: fully_shard shards them unread
+            unread = {n: t for n, t in [*task.named_parameters(), *task.named_buffers()]
+                      if stand_ins.is_stand_in(t)}  # fmt: skip
             move_read_weights(task, dist.device, stand_ins)
         mesh = init_device_mesh(dist.device.type, (dist.world_size,))
         bf16 = e.precision == "bf16"
@@ -91,7 +92,7 @@ class FSDPEngine(Engine):
                 fully_shard(block, **kwargs)
         fully_shard(task, **kwargs)
         if unread:
-            read_into_shards(task, unread, stand_ins)
+            read_into_shards(task, unread, stand_ins, dist.device)
         own_metrics(task)
         self.params = [p for p in task.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(task, cfg.optim, lr)
@@ -221,9 +222,9 @@ class FSDPEngine(Engine):
 
 
 def move_read_weights(task: torch.nn.Module, device: torch.device, stand_ins) -> None:
-    """The weights the build read (random initialisation, small parts) to the device; each
-    stand-in becomes a meta parameter (FSDP2 shards meta parameters as they are; a tied weight
-    stays tied), to be filled by read_into_shards."""
+    """The weights the build read (small parts) to the device; each stand-in becomes a meta
+    parameter or buffer (FSDP2 shards meta parameters as they are and leaves meta buffers; a
+    tied weight stays tied), to be filled by read_into_shards."""
     metas: dict[int, torch.nn.Parameter] = {}
     for module in task.modules():
         for name, param in list(module.named_parameters(recurse=False)):
@@ -235,22 +236,34 @@ def move_read_weights(task: torch.nn.Module, device: torch.device, stand_ins) ->
             else:
                 param.data = param.data.to(device)
         for name, buffer in list(module.named_buffers(recurse=False)):
-            module.register_buffer(name, buffer.to(device))
+            if stand_ins.is_stand_in(buffer):
+                module._buffers[name] = torch.empty_like(buffer, device="meta")
+            else:
+                module._buffers[name] = buffer.to(device)
 
 
-def read_into_shards(task: torch.nn.Module, unread: dict, stand_ins) -> None:
+def read_into_shards(task: torch.nn.Module, unread: dict, stand_ins, device) -> None:
     """Give each rank's shard of the weights the build left unread (`unread`: name -> the
     stand-in it was) its values: the rows this rank holds (dimension 0, DTensor's even split, as
-    FSDP2 shards), read alone from safetensors checkpoints. A rank holds its shards and one piece
-    at a time, never another rank's rows. Loaded with assign=True, after which FSDP2 re-pads its
-    shards (its load_state_dict post-hook). A non-finite value was computed at build time from
-    a stand-in's placeholder: refused, it would train on garbage."""
+    FSDP2 shards), read alone from safetensors checkpoints; a buffer whole (they are small and
+    replicated). A rank holds its shards and one piece at a time, never another rank's rows
+    (random initialisation is replayed, core/deferred_init.py: read in the order it completes
+    tensors). Loaded with assign=True, after which FSDP2 re-pads its shards (its
+    load_state_dict post-hook). A non-finite value was computed at build time from a stand-in's
+    placeholder: refused, it would train on garbage."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     aliases = lazy_tensors.tied_names(task)  # a tied weight: one parameter, several names
     shards = {}
-    for name, stand_in in unread.items():
+    buffers = dict(task.named_buffers())
+    for name in sorted(unread, key=lambda n: stand_ins.order(unread[n])):
+        stand_in = unread[name]
+        if name in buffers:
+            owner, _, attr = name.rpartition(".")
+            module = task.get_submodule(owner)
+            module._buffers[attr] = stand_ins.value(stand_in).to(device)
+            continue
         param = task.get_parameter(name)
         mesh, placements = param.device_mesh, param.placements
         shape, offset = compute_local_shape_and_global_offset(param.shape, mesh, placements)

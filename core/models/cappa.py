@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import deferred_init
 from .attention import attention
 from .registry import register
 from .vision import _args_from, merge_heads, split_heads
@@ -120,7 +121,7 @@ class CapPaDecoder(nn.Module):
     def reset_parameters(self) -> None:
         """big_vision's initialisers: embeddings N(0, 1), positions N(0, 1/width), dense layers
         Xavier-uniform, the logits layer zero (the first loss is ln(vocab) exactly)."""
-        if self.embed_positions.is_meta:
+        if not deferred_init.has_values(self.embed_positions):
             return
         nn.init.normal_(self.embed_tokens.weight, std=1.0)
         nn.init.normal_(self.embed_positions, std=1.0 / math.sqrt(self.config.hidden_size))

@@ -62,6 +62,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from .. import deferred_init, lazy_tensors
 from ..config import Config, ConfigError, DataConfig, TaskConfig
 from ..flops import TowerCost
 
@@ -277,28 +278,44 @@ def task_class(kind: str) -> type[Task]:
 
 def build_task(cfg: Config) -> Task:
     """The recipe's task, with its trainable parameters set (see the module docstring)."""
-    task = task_class(cfg.task.kind)(cfg)
+    with deferred_init.build() as deferred:  # under fsdp: nothing materialised (the module)
+        task = task_class(cfg.task.kind)(cfg)
     task.check_config()
     set_trainable(task, cfg.task.trainable or task.default_trainable(), cfg.task.freeze)
     task.costs = task.tower_costs()
-    task.rebuilt_digest = rebuilt_digest(task)
+    task.rebuilt_digest = rebuilt_digest(task, deferred)
+    if deferred is not None:
+        deferred_init.hand_out(task, deferred, lazy_tensors.active())
     return task
 
 
-def rebuilt_digest(task: Task) -> str:
-    """sha256 of the tensors under `rebuilt_prefixes` as built ("" when none; a task on the meta
-    device has no values to hash): checkpoints record it, a resume compares it."""
+def rebuilt_digest(task: Task, deferred: deferred_init.DeferredInit | None = None) -> str:
+    """sha256 of the tensors under `rebuilt_prefixes` as built: of each one's name, dtype, shape
+    and sha256, in name order ("" when none; a task on the meta device has no values to hash).
+    Checkpoints record it, a resume compares it. Deferred tensors (an fsdp build) are hashed by
+    a replay of their own, one at a time."""
     prefixes = task.rebuilt_prefixes()
     if not prefixes:
         return ""
+    tensors = {n: t for n, t in task.state_dict(keep_vars=True).items() if n.startswith(prefixes)}
+    later = {n: t for n, t in tensors.items() if deferred is not None and deferred.is_deferred(t)}
+    if any(t.is_meta for n, t in tensors.items() if n not in later):
+        return ""
+    hashes = {n: _sha256(t) for n, t in tensors.items() if n not in later}
+    if later:
+        replay = deferred.fork()
+        replay.want(later.values())
+        hashes.update({n: _sha256(replay.value(later[n])) for n in replay.completion_order(later)})
     digest = hashlib.sha256()
-    for name, tensor in sorted(task.state_dict().items()):
-        if name.startswith(prefixes):
-            if tensor.is_meta:
-                return ""
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for name in sorted(hashes):
+        t = tensors[name]
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{hashes[name]};".encode())
     return digest.hexdigest()
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
 
 
 def set_trainable(model: nn.Module, trainable: list[str], freeze: list[str]) -> None:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import models
+from .. import deferred_init, models
 from ..config import Config, ConfigError, DataConfig, TaskConfig
 from ..consolidate import load_run_weights
 from ..data.packing import PackedCollate, PromptCollate, supervised_targets
@@ -81,7 +81,7 @@ class PaliGemmaTask(Task, Generative, ImageEncoder):
             raise ConfigError(f"model.tokenizer: {err}") from None
         self.model = self._build_model(m, image_id)
         self.processor = PrefixLMProcessor(self.tokenizer, self.model.num_image_tokens)
-        if cfg.task.init_from and not any(p.is_meta for p in self.parameters()):
+        if cfg.task.init_from and all(deferred_init.has_values(p) for p in self.parameters()):
             # under fsdp each rank reads its shards' rows alone (as tasks/vlm.py)
             load_run_weights(self, cfg.task.init_from, "task.init_from")
         vision = self.model.vision

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import models
+from .. import deferred_init, models
 from ..config import Config, ConfigError, DataConfig, TaskConfig
 from ..consolidate import load_run_weights
 from ..data.chat import ChatProcessor, VLMEvalDecoder, VLMTrainDecoder, add_image_tokens
@@ -446,4 +446,4 @@ def chat_processor(tokenizer, tokens_per_image: int, data):
 
 
 def on_meta(module: nn.Module) -> bool:
-    return any(p.is_meta for p in module.parameters())
+    return not all(deferred_init.has_values(p) for p in module.parameters())

@@ -71,7 +71,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed, lazy_tensors
+from .. import deferred_init, distributed, lazy_tensors
 from ..config import Config, ConfigError
 from ..data.chat import IGNORE, ChatProcessor, VLMDecoder
 from ..data.cot import cot_images, read_cot_record
@@ -135,6 +135,7 @@ class VLMDPOTask(VLMTask, PreferenceScorer):
             # The copy, and the starting model's digest, are computed from the weights: under
             # fsdp these are read whole on every rank here (stand-ins until now).
             lazy_tensors.materialize(self)
+            deferred_init.materialize(self)  # random weights too (core/deferred_init.py)
         d = cfg.data
         common = dict(image_size=self.vision.image_size, mean=self.vision.image_mean,
                       std=self.vision.image_std, max_images=d.max_images,
