@@ -149,15 +149,6 @@ class DeferredInit:
             _Call(fn, args, kwargs, outs, frozenset(_key(t) for t in metas), overwrites)
         )
 
-    def fork(self) -> DeferredInit:
-        """A replay of its own of the same recording, from the start (to read tensors again)."""
-        other = DeferredInit()
-        other.calls, other.deferred, other._last_use = self.calls, self.deferred, self._last_uses()
-        other._dead_after = self._dead_after
-        other.start_rng_state = other.rng_state = self.start_rng_state
-        other.stand_ins = self.stand_ins
-        return other
-
     def want(self, tensors) -> None:
         """The tensors `value` will be asked for: kept when replay completes them early."""
         for t in tensors:

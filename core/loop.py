@@ -265,18 +265,16 @@ def save_checkpoint(ckpt: Checkpointer, step: int, engine, stream) -> None:
     if not engine.parameters_finite():
         raise NonFiniteLossError(f"parameters are not finite at step {step}; no checkpoint written")
     ckpt.save(step, engine, {"data": stream.state_dict(),
-                             "rebuilt_sha256": engine.task.rebuilt_digest})  # fmt: skip
+                             "rebuilt_digest": engine.task.rebuilt_digest})  # fmt: skip
 
 
 def check_rebuilt(extra: dict, task, checkpoint: Path) -> None:
     """The weights a checkpoint leaves out to be rebuilt (Task.rebuilt_prefixes: stage 4's
     frozen reference, from task.init_from) must be rebuilt as they were: a resume from a changed
     init_from would continue against another reference, silently."""
-    # Written before checkpoints recorded it, or under "rebuilt_digest": one hash over the bytes,
-    # before deferred builds needed a hash per tensor; not checked.
-    if "rebuilt_sha256" not in extra:
+    if "rebuilt_digest" not in extra:  # written before checkpoints recorded it
         return
-    saved = extra["rebuilt_sha256"][0]  # every rank saved the same
+    saved = extra["rebuilt_digest"][0]  # every rank saved the same
     if saved != task.rebuilt_digest:
         raise ConfigError(
             f"{checkpoint} was written with other rebuilt weights ({task.rebuilt_prefixes()}) "

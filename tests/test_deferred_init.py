@@ -187,3 +187,22 @@ def test_a_deferred_weight_copied_from_a_checkpoints_stand_in_replays_its_value(
                 layer.weight.copy_(stand_in)
         deferred.want([layer.weight, layer.bias])
         assert torch.equal(deferred.value(layer.weight), weight)
+
+
+def test_a_rebuilt_weight_left_deferred_is_a_clear_error():
+    """A resume compares a digest of the weights a task rebuilds: they need values at build."""
+    from core.tasks.base import rebuilt_digest
+
+    class Rebuilds(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.reference = torch.nn.Linear(2, 2)
+
+        def rebuilt_prefixes(self):
+            return ("reference.",)
+
+    deferred = DeferredInit()
+    with deferred.recording():
+        task = Rebuilds()
+    with pytest.raises(RuntimeError, match="reference.bias: a weight the task rebuilds"):
+        rebuilt_digest(task, deferred)

@@ -290,32 +290,25 @@ def build_task(cfg: Config) -> Task:
 
 
 def rebuilt_digest(task: Task, deferred: deferred_init.DeferredInit | None = None) -> str:
-    """sha256 of the tensors under `rebuilt_prefixes` as built: of each one's name, dtype, shape
-    and sha256, in name order ("" when none; a task on the meta device has no values to hash).
-    Checkpoints record it, a resume compares it. Deferred tensors (an fsdp build) are hashed by
-    a replay of their own, one at a time."""
+    """sha256 of the tensors under `rebuilt_prefixes` as built ("" when none; a task on the meta
+    device has no values to hash): checkpoints record it, a resume compares it. A deferred build
+    (fsdp) must have materialised them (deferred_init.materialize, as stage 4's copy does)."""
     prefixes = task.rebuilt_prefixes()
     if not prefixes:
         return ""
-    tensors = {n: t for n, t in task.state_dict(keep_vars=True).items() if n.startswith(prefixes)}
-    later = {n: t for n, t in tensors.items() if deferred is not None and deferred.is_deferred(t)}
-    if any(t.is_meta for n, t in tensors.items() if n not in later):
-        return ""
-    hashes = {n: _sha256(t) for n, t in tensors.items() if n not in later}
-    if later:
-        replay = deferred.fork()
-        replay.want(later.values())
-        hashes.update({n: _sha256(replay.value(later[n])) for n in replay.completion_order(later)})
     digest = hashlib.sha256()
-    for name in sorted(hashes):
-        t = tensors[name]
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}:{hashes[name]};".encode())
+    for name, tensor in sorted(task.state_dict(keep_vars=True).items()):
+        if name.startswith(prefixes):
+            if deferred is not None and deferred.is_deferred(tensor):
+                raise RuntimeError(
+                    f"{name}: a weight the task rebuilds (rebuilt_prefixes) is still deferred "
+                    "after the build: call core.deferred_init.materialize on it where it is built"
+                )
+            if tensor.is_meta:
+                return ""
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def _sha256(tensor: torch.Tensor) -> str:
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data).hexdigest()
 
 
 def set_trainable(model: nn.Module, trainable: list[str], freeze: list[str]) -> None:
