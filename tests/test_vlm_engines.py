@@ -161,10 +161,10 @@ import json, os, sys
 sys.path.insert(0, {root!r})
 import core.engines.fsdp as fsdp
 
-def recorded(task, unread, stand_ins, _real=fsdp.read_into_shards):
+def recorded(task, unread, *rest, _real=fsdp.read_into_shards):
     if os.environ.get("RANK", "0") == "0":
         open({out!r}, "w").write(json.dumps(sorted(unread)))
-    return _real(task, unread, stand_ins)
+    return _real(task, unread, *rest)
 
 fsdp.read_into_shards = recorded
 from launch.cli import main
