@@ -290,23 +290,14 @@ def hand_out(module: torch.nn.Module, deferred: DeferredInit, stand_ins) -> None
     """Every deferred parameter and buffer of `module` becomes a stand-in (core/lazy_tensors.py)
     that replays its value when read, ordered by completion (`StandIns.order`): the engine then
     reads each rank's rows of it as it reads a checkpoint's. A tied weight stays one."""
-    given: dict[int, torch.Tensor] = {}
     last = deferred._last_uses()
-    for sub in module.modules():
-        for name, t in [*sub._parameters.items(), *sub._buffers.items()]:
-            if t is None or not deferred.is_deferred(t):
-                continue
-            if id(t) not in given:
-                deferred.want([t])
-                read = functools.partial(deferred.value, t)
-                stand_in = stand_ins.stand_in(lazy_tensors.as_meta(t), read, order=last[_key(t)])
-                if isinstance(t, torch.nn.Parameter):
-                    stand_in = torch.nn.Parameter(stand_in, requires_grad=t.requires_grad)
-                given[id(t)] = stand_in
-            if name in sub._parameters:
-                sub._parameters[name] = given[id(t)]
-            else:
-                sub._buffers[name] = given[id(t)]
+
+    def stand_in(t: torch.Tensor) -> torch.Tensor:
+        deferred.want([t])
+        read = functools.partial(deferred.value, t)
+        return stand_ins.stand_in(lazy_tensors.as_meta(t), read, order=last[_key(t)])
+
+    _replace_deferred(module, deferred, stand_in)
 
 
 def materialize(module: torch.nn.Module) -> None:
@@ -315,30 +306,36 @@ def materialize(module: torch.nn.Module) -> None:
     model digest), which then holds the module whole, as an eager build does. Later calls of
     the build are recorded and replayed as before, from where this replay left the generator."""
     deferred = _recording
-    if deferred is None:
-        return
-    tensors = {}
-    for sub in module.modules():
-        for t in [*sub._parameters.values(), *sub._buffers.values()]:
-            if t is not None and deferred.is_deferred(t):
-                tensors[id(t)] = t
-    if not tensors:
+    if deferred is None or not any(deferred.is_deferred(t) for t in _tensors(module)):
         return
     deferred._last_use = None  # the calls so far: more will be recorded
     deferred._replay_until(len(deferred.calls) - 1, keep=True)
-    real = {i: _view(deferred._real[_key(t)], t) for i, t in tensors.items()}
-    deferred._real.clear()  # the module holds them now; later calls touch the real tensors
+    real = deferred._real
+    _replace_deferred(module, deferred, lambda t: _view(real[_key(t)], t))
+    deferred._real = {}  # the module holds them now; later calls touch the real tensors
     deferred._last_use = None
-    made: dict[int, torch.Tensor] = {}  # a tied weight stays one parameter
+
+
+def _tensors(module: torch.nn.Module):
     for sub in module.modules():
-        for name, t in list(sub._parameters.items()):
-            if t is not None and id(t) in real:
-                if id(t) not in made:
-                    made[id(t)] = torch.nn.Parameter(real[id(t)], t.requires_grad)
-                sub._parameters[name] = made[id(t)]
-        for name, t in list(sub._buffers.items()):
-            if t is not None and id(t) in real:
-                sub._buffers[name] = real[id(t)]
+        yield from (t for t in [*sub._parameters.values(), *sub._buffers.values()] if t is not None)
+
+
+def _replace_deferred(module: torch.nn.Module, deferred: DeferredInit, make) -> None:
+    """Each deferred parameter and buffer of `module` replaced by `make(t)` (as a parameter
+    where it was one); a tied weight stays one tensor under all its names."""
+    given: dict[int, torch.Tensor] = {}
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, t in list(store.items()):
+                if t is None or not deferred.is_deferred(t):
+                    continue
+                if id(t) not in given:
+                    new = make(t)
+                    if isinstance(t, torch.nn.Parameter):
+                        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                    given[id(t)] = new
+                store[name] = given[id(t)]
 
 
 def has_values(tensor: torch.Tensor) -> bool:
