@@ -1,6 +1,7 @@
 """fsdp reads the towers' Hugging Face checkpoints into each rank's shards (issue 14 item 2): the
 task is built with stand-ins for their weights (core/lazy_tensors.py) and each rank reads the
-rows it holds; no rank holds a whole tower. Checked against ddp, which reads them whole (the same
+rows it holds; no rank holds a whole tower (zero3: one whole tensor at a time, partitioned as
+it is read). Checked against ddp, which reads them whole (the same
 losses), and by memory: doubling the model at 2 ranks raises a rank's peak by about half the
 added bytes (issue 14 item 9's small-size test), where reading whole tensors raised it by all.
 """
@@ -29,12 +30,21 @@ def vm_hwm():
             return int(line.split()[1]) * 1024
 
 def built(*args, _real=loop.build_engine, **kwargs):
-    engine = _real(*args, **kwargs)
+    if args:
+        _real(*args, **kwargs)
     rank = os.environ.get("RANK", "0")
     open(os.path.join({out!r}, "rank" + rank + ".json"), "w").write(json.dumps(vm_hwm()))
     raise SystemExit(0)  # the engine is built and loaded: that is what is measured
 
-loop.build_engine = built
+if {at_initialize!r}:  # ZeRO-3: what a rank holds when DeepSpeed gets the model
+    import deepspeed
+
+    def initialize(*args, **kwargs):
+        built()
+
+    deepspeed.initialize = initialize
+else:
+    loop.build_engine = built
 from launch.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -71,10 +81,12 @@ def vocab(shapes: Path) -> int:
 
 
 @pytest.mark.slow
-def test_fsdp_trains_from_checkpoints_read_into_shards_as_ddp(shapes_dir, tmp_path):
+def test_sharded_engines_train_from_checkpoints_read_into_shards_as_ddp(shapes_dir, tmp_path):
+    """fsdp reads each rank's rows; zero3 reads one tensor at a time and partitions it
+    (engines/zero.py partition_while_reading)."""
     towers = write_towers(tmp_path / "towers", 2, 128, vocab(shapes_dir))
     losses = {}
-    for kind in ("ddp", "fsdp"):
+    for kind in ("ddp", "fsdp", "zero3"):
         run = tmp_path / kind
         args = from_towers(shapes_dir, run, towers, 4, **{"engine.kind": kind})
         assert run_cli(["train", "tiny_siglip", *args], nproc=2).wait(timeout=600) == 0
@@ -82,6 +94,7 @@ def test_fsdp_trains_from_checkpoints_read_into_shards_as_ddp(shapes_dir, tmp_pa
     assert len(losses["ddp"]) == 4 and losses["ddp"][-1] < losses["ddp"][0]
     # The first loss is of the weights as read: any wrong row would show here.
     assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)
+    assert losses["zero3"] == pytest.approx(losses["ddp"], rel=1e-5)
 
 
 def peak_after_engine(shapes: Path, run: Path, towers: tuple[Path, Path]) -> int:
@@ -89,12 +102,15 @@ def peak_after_engine(shapes: Path, run: Path, towers: tuple[Path, Path]) -> int
     return peak_after_building(run, args)
 
 
-def peak_after_building(run: Path, args: list[str], **env) -> int:
+def peak_after_building(run: Path, args: list[str], at_initialize: bool = False, **env) -> int:
     """The largest rank's peak resident memory once tiny_siglip's engine (with `args`) is built
-    on 2 ranks, its weights read (`env`: more environment variables)."""
+    on 2 ranks, its weights read (`env`: more environment variables); `at_initialize`: instead
+    when a DeepSpeed engine calls deepspeed.initialize (the weights read and partitioned, no
+    optimizer state allocated yet)."""
     run.mkdir(parents=True)
     script = run / "record.py"
-    script.write_text(textwrap.dedent(RECORD.format(root=str(ROOT), out=str(run))))
+    record = RECORD.format(root=str(ROOT), out=str(run), at_initialize=at_initialize)
+    script.write_text(textwrap.dedent(record))
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={free_port()}", str(script), "train", "tiny_siglip",

@@ -173,19 +173,19 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_fsdp_reads_a_previous_run_into_its_shards_as_ddp_loads_it(vqa, straight, tmp_path):
+def test_sharded_engines_read_a_previous_run_as_ddp_loads_it(vqa, straight, tmp_path):
     """task.init_from under fsdp: the previous run's weights (fsdp's own LoRA run: a DCP
     checkpoint, its adapters merged into the LM) become stand-ins and each rank reads only its
     rows of them; training goes on exactly as from ddp's whole read (losses within the engines'
-    1e-5 parity)."""
+    1e-5 parity). zero3 too, each tensor read alone and partitioned (partition_while_reading)."""
     previous = straight / "fsdp"
     over = {"task.init_from": str(previous), "task.lm_tuning": "full", "optim.max_steps": 3}
     losses = {}
-    for kind in ("ddp", "fsdp"):
+    for kind in ("ddp", "fsdp", "zero3"):
         run = tmp_path / kind
         args = ["train", "tiny_vlm_stage2",
                 *mixed_overrides(vqa, run, kind, **over)]  # fmt: skip
-        if kind == "ddp":
+        if kind != "fsdp":
             assert run_cli(args, nproc=2).wait(timeout=600) == 0
         else:
             script = tmp_path / "record.py"
@@ -205,3 +205,4 @@ def test_fsdp_reads_a_previous_run_into_its_shards_as_ddp_loads_it(vqa, straight
     assert any(n.startswith("lm.") and "q_proj" in n for n in read)
     assert any(n.startswith("vision.") for n in read)
     assert losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)
+    assert losses["zero3"] == pytest.approx(losses["ddp"], rel=1e-5)

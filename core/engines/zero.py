@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .. import lazy_tensors
 from ..config import Config, ConfigError
 from ..distributed import DistInfo, barrier
 from ..lazy_tensors import LazyTensors, as_meta
@@ -242,19 +243,28 @@ class DeepSpeedEngine(Engine):
         ensure_process_group(dist.device)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         self.eval_copy = EvalCopy(meta_copy(task), dist.device)
-        self.task = task.to(dist.device)
+        # ZeRO-3 under loop.building_for: weights the build left as stand-ins (checkpoint
+        # weights, replayed random initialisation) are partitioned as each is read.
+        stand_ins = lazy_tensors.active() if self.stage == 3 else None
+        self.task = task if stand_ins else task.to(dist.device)
         self.scalar_names = lift_scalars(task)
         prepare(task, cfg.engine)
         o = cfg.optim
+        # Before partitioning: the groups look at each parameter's shape (a partitioned one's
+        # data is empty).
         groups = [g for g in optimizer_groups(task, o, lr) if g["params"]]  # as ddp's, less empties
         self.base_optimizer = _GatedAdamW(
             groups, lr=lr, betas=tuple(o.betas), eps=o.eps, foreach=True
         )
         # DeepSpeed casts the weights to bf16 and builds its fp32 masters from those: keep the
-        # fp32 values to start the masters from them, as fsdp and ddp do. References, no copy;
-        # but held through initialize, beside the bf16 copies (+2 bytes per trained parameter).
+        # fp32 values to start the masters from them, as fsdp and ddp do. Built whole: references,
+        # no copy, but held through initialize beside the bf16 copies (+2 bytes per trained
+        # parameter); partitioned while read: this rank's partition of each, copied.
         bf16 = self.ds_config["bf16"]["enabled"] is True
-        initial = [(p, p.data) for p in task.parameters() if p.requires_grad] if bf16 else []
+        if stand_ins:
+            initial = partition_while_reading(task, stand_ins, self.ds_config, dist, bf16)
+        else:
+            initial = [(p, p.data, 0) for p in task.parameters() if p.requires_grad and bf16]
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=task, optimizer=self.base_optimizer, config=copy.deepcopy(self.ds_config)
         )
@@ -580,6 +590,7 @@ class Zero3Engine(DeepSpeedEngine):
     """kind zero3: DeepSpeed ZeRO-3, parameters sharded too."""
 
     stage = 3
+    loads_into_shards = True  # partition_while_reading
     offloads: tuple[str, ...] = ("none", "optimizer", "optimizer+params")
 
     @staticmethod
@@ -619,27 +630,96 @@ def _owned(param: torch.nn.Parameter, rank: int) -> torch.Tensor:
     return part.reshape(-1)[:valid]
 
 
-def set_fp32_masters(initial: list[tuple[torch.nn.Parameter, torch.Tensor]], rank) -> None:
+def set_fp32_masters(initial: list[tuple[torch.nn.Parameter, torch.Tensor, int]], rank) -> None:
     """Set DeepSpeed's fp32 master weights to the fp32 values the parameters had before it cast
     them to bf16 (it starts the masters from the bf16 roundings: pretrained or init_from
     weights lost their low bits, and the curves parted from fsdp's by ~1e-2 in 20 steps). The
-    bf16 weights are already those values rounded. `rank`: ZeRO-3's partition index (each rank
-    sets its partition, padding kept), None for ZeRO-1/2 (each rank its fragment)."""
+    bf16 weights are already those values rounded. `initial`: (parameter, its fp32 values from
+    element `start` of the flattened parameter on; the whole of it from 0, or under ZeRO-3 this
+    rank's partition); `rank`: ZeRO-3's partition index (each rank sets its partition, padding
+    kept), None for ZeRO-1/2 (each rank its fragment, from the whole value)."""
     from deepspeed.utils import (
         safe_get_local_fp32_param,
         safe_set_full_fp32_param,
         safe_set_local_fp32_param,
     )
 
-    for param, value in initial:
+    for param, value, start in initial:
         value = value.detach().reshape(-1).float()
         if rank is None:
             safe_set_full_fp32_param(param, value.view(param.shape))
             continue
         local = safe_get_local_fp32_param(param).detach().clone().reshape(-1)
-        part = value[rank * local.numel() : (rank + 1) * local.numel()]
+        first = rank * local.numel() - start
+        part = value[first : first + local.numel()]
         local[: part.numel()] = part
         safe_set_local_fp32_param(param, local)
+
+
+def partition_while_reading(
+    task: torch.nn.Module,
+    stand_ins: lazy_tensors.StandIns,
+    ds_config: dict,
+    dist: DistInfo,
+    bf16: bool,
+) -> list[tuple[torch.nn.Parameter, torch.Tensor, int]]:
+    """ZeRO-3 without the whole model on a rank: each parameter the build left a stand-in is read
+    (a checkpoint's tensor, or its replayed random initialisation: core/deferred_init.py), cast
+    as DeepSpeed would (bf16 runs), and partitioned at once by DeepSpeed's own zero.Init
+    conversion (its broadcast from rank 0 included), in the order the replay completes them;
+    the full tensor is freed before the next is read. A rank then holds its partitions and one
+    tensor, where `deepspeed.initialize` on a built model held the model whole. Buffers are
+    read whole (replicated, small). Returns, in bf16 runs, each trained parameter's fp32 values
+    of this rank's partition (`set_fp32_masters`)."""
+    import deepspeed
+    from deepspeed.runtime.engine import CASTABLE_DTYPES
+
+    # Not entered as a context: it converts the parameters it is given, with the run's config
+    # (offload device, dtype) and process group.
+    zero_init = deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(ds_config))
+    if zero_init.mem_efficient_linear:  # as zero.Init(module=) does (bf16 numerics differ)
+        zero_init._enable_mem_efficient_linear()
+    world, rank = dist.world_size, dist.rank
+
+    def order(tensor: torch.Tensor) -> int:
+        return stand_ins.order(tensor) if stand_ins.is_stand_in(tensor) else -1
+
+    owners: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    buffers: dict[int, torch.Tensor] = {}
+    for module in task.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                owners.setdefault(id(buffer), []).append((module, name))
+                buffers[id(buffer)] = buffer
+    params = list(task.parameters())  # each once, tied ones too
+    initial = []
+    for tensor in sorted([*params, *buffers.values()], key=order):
+        if stand_ins.is_stand_in(tensor):
+            value = stand_ins.value(tensor)
+        else:  # a real buffer stays the very tensor (on this device): others may hold it
+            value = tensor if id(tensor) in buffers else tensor.data
+        value = value.to(dist.device)
+        if id(tensor) in buffers:
+            for module, name in owners[id(tensor)]:
+                module._buffers[name] = value
+            continue
+        if not torch.isfinite(value).all():
+            raise RuntimeError(
+                f"a {tuple(tensor.shape)} weight was read as non-finite values: code that ran "
+                "while the task was built computed from a checkpoint weight before it was read "
+                "(call core.lazy_tensors.materialize(module) there first)"
+            )
+        if bf16 and tensor.requires_grad:
+            part = math.ceil(value.numel() / world)  # DeepSpeed's partition: ceil(numel / W)
+            initial.append((tensor, value.reshape(-1)[rank * part : (rank + 1) * part].clone(),
+                            rank * part))  # fmt: skip
+        if bf16 and value.dtype in CASTABLE_DTYPES:
+            value = value.to(torch.bfloat16)
+        tensor.data = value
+        del value
+        zero_init._convert_to_zero_parameters([tensor])  # partitions it: the full tensor freed
+    zero_init._keep_in_fp32(task)  # as zero.Init(module=) ends (DeepSpeed's own build)
+    return initial
 
 
 def repair_universal_load(optimizer: torch.optim.Optimizer, hyper: list[dict]) -> None:
