@@ -158,29 +158,30 @@ def test_a_ranks_memory_grows_by_its_shard_of_a_random_model(shapes_dir, tmp_pat
     what the code holds. With glibc's defaults the replay's whole tensors, each freed after its
     rows are copied out, leave holes in the heap between the kept rows: +0.72x to +0.78x."""
 
-    added = random_model_bytes(shapes_dir, tmp_path, 10) - random_model_bytes(
-        shapes_dir, tmp_path, 2
-    )
-    grew = peak_of_random(shapes_dir, tmp_path / "a", 10) - peak_of_random(
-        shapes_dir, tmp_path / "b", 2
-    )
-    print(f"+{added / 1e6:.0f} MB of weights: a rank's peak +{grew / 1e6:.0f} MB")
+    added, grew = growth_with_random_towers(shapes_dir, tmp_path, "fsdp")
     assert 0.4 * added < grew < 0.65 * added
 
 
-def random_model_bytes(shapes: Path, tmp: Path, layers: int) -> int:
-    cfg = load_config("tiny_siglip", random_towers(shapes, tmp, layers))
-    with torch.device("meta"):
-        task = build_task(cfg)
-    return sum(p.numel() * p.element_size() for p in task.parameters())
-
-
-def peak_of_random(shapes: Path, run: Path, layers: int, kind: str = "fsdp") -> int:
-    """A rank's peak once `kind` has its random model (zero3: when it calls deepspeed.initialize),
+def growth_with_random_towers(shapes: Path, tmp: Path, kind: str) -> tuple[int, int]:
+    """(bytes of weights added from 2 to 10 random blocks per tower, how much a rank's peak grew)
+    once `kind` has its random model (zero3: when it calls deepspeed.initialize), at 2 ranks,
     glibc's heap fixed to return what is freed (see above)."""
-    args = random_towers(shapes, run, layers, kind)
-    return peak_after_building(run, args, at_initialize=kind == "zero3",
-                               MALLOC_MMAP_THRESHOLD_="131072")  # fmt: skip
+
+    def nbytes(layers: int) -> int:
+        cfg = load_config("tiny_siglip", random_towers(shapes, tmp, layers))
+        with torch.device("meta"):
+            task = build_task(cfg)
+        return sum(p.numel() * p.element_size() for p in task.parameters())
+
+    def peak(run: Path, layers: int) -> int:
+        args = random_towers(shapes, run, layers, kind)
+        return peak_after_building(run, args, at_initialize=kind == "zero3",
+                                   MALLOC_MMAP_THRESHOLD_="131072")  # fmt: skip
+
+    added = nbytes(10) - nbytes(2)
+    grew = peak(tmp / "a", 10) - peak(tmp / "b", 2)
+    print(f"+{added / 1e6:.0f} MB of weights: a rank's peak +{grew / 1e6:.0f} MB")
+    return added, grew
 
 
 @pytest.mark.slow
@@ -189,12 +190,7 @@ def test_zero3_partitions_a_random_model_as_it_is_replayed(shapes_dir, tmp_path)
     deepspeed.initialize, at 2 ranks, a rank's peak has grown by about half of the weights added
     (its fp32 partitions), where DeepSpeed given a model built whole held all of them.
     Measured: +0.52x; built whole (before): +1.01x."""
-    added = random_model_bytes(shapes_dir, tmp_path, 10) - random_model_bytes(
-        shapes_dir, tmp_path, 2
-    )
-    grew = peak_of_random(shapes_dir, tmp_path / "a", 10, "zero3")
-    grew -= peak_of_random(shapes_dir, tmp_path / "b", 2, "zero3")
-    print(f"+{added / 1e6:.0f} MB of weights: a rank's peak +{grew / 1e6:.0f} MB")
+    added, grew = growth_with_random_towers(shapes_dir, tmp_path, "zero3")
     assert 0.4 * added < grew < 0.65 * added
 
 

@@ -29,20 +29,18 @@ def vm_hwm():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
 
-def built(*args, _real=loop.build_engine, **kwargs):
-    if args:
-        _real(*args, **kwargs)
+def record_and_stop():
     rank = os.environ.get("RANK", "0")
     open(os.path.join({out!r}, "rank" + rank + ".json"), "w").write(json.dumps(vm_hwm()))
-    raise SystemExit(0)  # the engine is built and loaded: that is what is measured
+    raise SystemExit(0)  # what is measured has happened
+
+def built(*args, _real=loop.build_engine, **kwargs):
+    _real(*args, **kwargs)  # the engine is built and loaded
+    record_and_stop()
 
 if {at_initialize!r}:  # ZeRO-3: what a rank holds when DeepSpeed gets the model
     import deepspeed
-
-    def initialize(*args, **kwargs):
-        built()
-
-    deepspeed.initialize = initialize
+    deepspeed.initialize = lambda *args, **kwargs: record_and_stop()
 else:
     loop.build_engine = built
 from launch.cli import main
