@@ -140,6 +140,9 @@ class LoggingConfig:
     # `> log 2>&1`) one plain line per metrics row; plus one line per evaluation. false: neither.
     progress: bool = True
     tensorboard: bool = False  # event files in RUN_DIR/tensorboard/ (rank 0)
+    # RUN_DIR/report.png drawn by rank 0 when the run ends (about a second of matplotlib, the
+    # other ranks waiting); `vlscale report RUN_DIR` draws it at any time.
+    report: bool = True
     # Peak FLOP/s of one device for `mfu`; 0: the table in core/flops.py for known GPUs (none
     # for CPUs: then only flops_per_s, the achieved model FLOP/s per rank, is logged).
     peak_flops: float = 0.0

@@ -187,7 +187,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
             eval_metrics = metrics
     finally:
         logger.close()
-    if dist.is_main:
+    if dist.is_main and cfg.logging.report:
         write_report(run_dir)
     distributed.barrier()
     if cfg.checkpoint.export and dist.is_main:  # after the barrier: nobody waits on a collective

@@ -353,6 +353,7 @@ def whole_overrides(shapes_dir, whole_dir, run_dir, steps: int = 4, **extra) -> 
         "logging.every": 1,
         "logging.progress": "false",
         "logging.wandb.mode": "disabled",
+        "logging.report": "false",  # ~1 s a run; drawn by test_loss_goes_down_and_eval_is_written
         "checkpoint.every": steps,
         "eval.every": 0,
     }

@@ -59,6 +59,7 @@ def tiny_overrides(shapes: Path, run_dir: Path, steps: int, **extra) -> list[str
         "logging.every": 1,
         "logging.progress": "false",
         "logging.wandb.mode": "disabled",
+        "logging.report": "false",  # ~1 s a run; drawn by test_loss_goes_down_and_eval_is_written
         "checkpoint.every": 5,
         "eval.every": 0,
         "eval.batch_size": 64,
@@ -128,8 +129,8 @@ def test_loss_goes_down_and_eval_is_written(shapes, tmp_path, monkeypatch):
 
     from core.loop import train
 
-    cfg = load_config("tiny_siglip", tiny_overrides(shapes, tmp_path / "run", 60))
-    result = train(cfg)
+    over = tiny_overrides(shapes, tmp_path / "run", 60, **{"logging.report": "true"})
+    result = train(load_config("tiny_siglip", over))
     rows = [r for r in metrics(tmp_path / "run") if "loss" in r]
     assert len(rows) == 60
     first = sum(r["loss"] for r in rows[:5]) / 5
@@ -270,3 +271,4 @@ def test_first_step_logged_only_when_asked(shapes, tmp_path):
     assert steps["every4"] == [4, 8] and steps["first"] == [1, 4, 8]
     loss = {name: [r["loss"] for r in metrics(run) if "loss" in r] for name, run in runs.items()}
     assert loss["first"][0] == loss["each"][0] and loss["first"][1:] == loss["every4"]
+    assert not (runs["first"] / "report.png").exists()  # logging.report=false
