@@ -77,12 +77,13 @@ class AnonPeak:
     def __init__(self):
         import threading
 
-        self.peak = status("RssAnon")
+        self.peak = self.peak_since = status("RssAnon")
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
         while True:
-            self.peak = max(self.peak, status("RssAnon"))
+            now = status("RssAnon")
+            self.peak, self.peak_since = max(self.peak, now), max(self.peak_since, now)
             time.sleep(0.01)
 
 
@@ -151,16 +152,36 @@ def worker(recipe: str, run_dir: str, kind: str, out: str) -> None:
 
         return wrapper
 
+    calls: list[dict] = []
+
+    def timed(fn, name):  # RssAnon when a call starts, and its peak while the call runs
+        def wrapper(*args, **kwargs):
+            start = status("RssAnon")
+            anon.peak_since = start
+            result = fn(*args, **kwargs)
+            calls.append({"call": name, "start": start, "peak": anon.peak_since})
+            return result
+
+        return wrapper
+
+    def engine_with_calls(*args, **kwargs):
+        engine = loop_build_engine(*args, **kwargs)
+        engine.forward_backward = timed(engine.forward_backward, "forward_backward")
+        engine.step = timed(engine.step, "step")
+        return engine
+
+    loop_build_engine = loop.build_engine
     loop.build_task = marked(loop.build_task, "build")
-    loop.build_engine = marked(loop.build_engine, "engine")
+    loop.build_engine = marked(engine_with_calls, "engine")
     loop.train_step = marked(loop.train_step, "train")
     loop.save_checkpoint = marked(loop.save_checkpoint, "checkpoint")
     loop.run_evaluators = marked(loop.run_evaluators, "eval", lambda due, *a: bool(due))
-    cfg = load_config(recipe, [f"engine.kind={kind}", f"run_dir={run_dir}"])
+    extra = json.loads(os.environ.get("PEAK_MEMORY_SET", "[]"))
+    cfg = load_config(recipe, [f"engine.kind={kind}", f"run_dir={run_dir}", *extra])
     loop.train(cfg)
     rank = int(os.environ.get("RANK", "0"))
     row = {"rank": rank, "peak": vm_hwm(), "anon": anon.peak,
-           **{f"after_{k}": marks.get(k) for k in PHASES}}  # fmt: skip
+           **{f"after_{k}": marks.get(k) for k in PHASES}, "calls": calls}  # fmt: skip
     Path(out, f"rank{rank}.json").write_text(json.dumps(row))
 
 
@@ -284,7 +305,21 @@ def main() -> None:
         help="fix glibc's mmap threshold for every job (MALLOC_MMAP_THRESHOLD_), e.g. 131072: "
         "freed blocks go back to the OS instead of staying in the heap (BENCHMARKS.md)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every job, e.g. engine.ds_config=my_zero3.json",
+    )
+    parser.add_argument(
+        "--calls",
+        action="store_true",
+        help="print, for the peak rank of each job, RssAnon at the start of each training "
+        "call (forward_backward, step) and its peak while the call ran",
+    )
     args = parser.parse_args()
+    os.environ["PEAK_MEMORY_SET"] = json.dumps(args.set)
     if args.mmap_threshold:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     work = Path(args.work or tempfile.mkdtemp(prefix="peak_memory-"))
@@ -329,6 +364,9 @@ def main() -> None:
                      *phases, row["export_peak"] / GiB, row["export_anon"] / GiB,
                      round(row["seconds"])]  # fmt: skip
             print(table_line(cells), flush=True)
+            for call in top["calls"] if args.calls else ():
+                start, high = call["start"] / GiB, call["peak"] / GiB
+                print(f"    {call['call']:>16}: from {start:.3f}, peak {high:.3f} GiB")
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -21,9 +21,9 @@ frozen one behind a trained part (an LM behind a trained projector) keeps what i
 gradient needs. Activation checkpointing keeps a block's input (h b per token) for every
 checkpointed block and one block's full activations while it is recomputed. Held to measured
 forwards in tests/test_plan.py. `buffers` are the engine's own fixed-size buffers
-(`buffers_per_rank`: ZeRO-2's and ZeRO-3's gradient buckets of `reduce_bucket_size`, which at
-50M elements in fp32 are 0.19 GiB whatever the model's size). The CUDA context, the process
-itself and fragmentation are not counted: keep ~10-20% headroom.
+(`buffers_per_rank`: ZeRO-2's and ZeRO-3's gradient buckets of `reduce_bucket_size`, 24 MiB
+each at ds_configs/' 6.25M elements in fp32, whatever the model's size). The CUDA context,
+the process itself and fragmentation are not counted: keep ~10-20% headroom.
 """
 
 from __future__ import annotations
