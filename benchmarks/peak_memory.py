@@ -164,13 +164,14 @@ def worker(recipe: str, run_dir: str, kind: str, out: str) -> None:
 
         return wrapper
 
+    build_engine = loop.build_engine
+
     def engine_with_calls(*args, **kwargs):
-        engine = loop_build_engine(*args, **kwargs)
+        engine = build_engine(*args, **kwargs)
         engine.forward_backward = timed(engine.forward_backward, "forward_backward")
         engine.step = timed(engine.step, "step")
         return engine
 
-    loop_build_engine = loop.build_engine
     loop.build_task = marked(loop.build_task, "build")
     loop.build_engine = marked(engine_with_calls, "engine")
     loop.train_step = marked(loop.train_step, "train")

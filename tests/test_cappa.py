@@ -324,7 +324,8 @@ def test_every_engine_agrees_with_ddp(straight):
 
 @pytest.mark.slow
 # One sharded engine: what a CapPa run adds to resume (the per-example mode draws, the decoder)
-# is engine-independent; every engine's SIGKILL resume is tests/test_engines.py's.
+# is engine-independent; each sharded engine's SIGKILL resume is tests/test_engines.py's, ddp's
+# tests/test_train.py's.
 @pytest.mark.parametrize("kind", ["fsdp"])
 def test_sigkill_and_restart_is_bitwise_exact(shapes_dir, tmp_path, straight, kind):
     run = tmp_path / "killed"

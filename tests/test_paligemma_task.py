@@ -233,8 +233,8 @@ def test_every_engine_agrees_with_ddp(straight):
 
 
 @pytest.mark.slow
-# One sharded engine: the task adds nothing engine-specific to resume; every engine's SIGKILL
-# resume is tests/test_engines.py's.
+# One sharded engine: the task adds nothing engine-specific to resume; each sharded engine's
+# SIGKILL resume is tests/test_engines.py's, ddp's tests/test_train.py's.
 @pytest.mark.parametrize("kind", ["zero3"])
 def test_sigkill_and_restart_is_bitwise_exact(vqa, tok_dir, tmp_path, straight, kind):
     run = tmp_path / "killed"
