@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from core.data import synthetic
 from core.data.shards import read_sizes, write_tar
 from core.data.synthetic import (
     BACKGROUNDS,
@@ -27,6 +31,8 @@ from core.data.synthetic import (
     write_synthetic_shards,
 )
 from launch import shards as shards_cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 TWO_SHAPES = {
     "shapes": [
@@ -231,6 +237,32 @@ def test_synthetic_cli(tmp_path):
         image = Image.open(io.BytesIO(tar.extractfile("000000000.jpg").read()))
     assert image.size == (16, 16)
     assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_shapes_drawn_wrapper_draws_the_shards_at_other_sizes(tmp_path, monkeypatch):
+    """benchmarks/shapes_drawn.py (BENCHMARKS.md's bigger-shapes runs): the wrapped command
+    writes the shards that the generator writes with those radii and that jitter, byte for byte
+    (and not the default ones); radii that would cross into the next cell are refused."""
+    script = [sys.executable, str(REPO / "benchmarks" / "shapes_drawn.py")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = ["shards", "synthetic", "--train", "24", "--val", "1"]
+    wrapper = script + ["--radii", "0.3,0.36,0.42", "--jitter", "1", "--"]
+    subprocess.run(wrapper + command + ["--out", str(tmp_path / "big")], check=True, env=env)
+    write_synthetic_shards(tmp_path / "default", 24, 1, seed=0)
+    for name, radius in zip(synthetic.SIZES, (0.3, 0.36, 0.42), strict=True):
+        monkeypatch.setitem(synthetic.SIZES, name, radius)
+    monkeypatch.setattr(synthetic, "JITTER", 1)
+    write_synthetic_shards(tmp_path / "expected", 24, 1, seed=0)
+    shard = "train-000000.tar"
+    drawn = (tmp_path / "big" / shard).read_bytes()
+    assert drawn == (tmp_path / "expected" / shard).read_bytes()
+    assert drawn != (tmp_path / "default" / shard).read_bytes()
+    refused = subprocess.run(
+        script + ["--radii", "0.3,0.4,0.45", "--jitter", "2", "--"] + command
+        + ["--out", str(tmp_path / "refused")],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "cross into the next cell" in refused.stderr
 
 
 # ------------------------------------------------------------------------- CC3M
