@@ -45,19 +45,24 @@ demo: install
 	$(BIN)/vlscale train tiny_siglip
 	$(BIN)/vlscale report runs/tiny_siglip
 
-# The staged-VLM demo: the tiny_siglip demo's image tower (trained first when absent) exported in
-# Hugging Face layout, synthetic FineVision-format VQA shards, stage 1 then stage 2, a few answers.
+# The staged-VLM demo: an image tower taught each grid cell's shape and colour (tiny_cells, on
+# shapes drawn at 96 px; trained first when absent) exported in Hugging Face layout, synthetic
+# FineVision-format VQA shards at 96 px, stage 1 then stage 2, a few answers.
+SHAPES96 := data/shapes96
 VQA := data/vqa
 COT := data/cot
 PREF := data/pref
 VQA_SUBSETS := shapes_colour,shapes_shape,shapes_count,shapes_position,shapes_caption,shapes_multiturn,shapes_text,shapes_two_images
 # What both VLM demos start from (each step skipped when its output exists).
 vlm-inputs: install
-	test -f runs/tiny_siglip/eval.json || $(MAKE) demo
-	test -f runs/tiny_siglip_export/vision/config.json || \
-		$(BIN)/vlscale export runs/tiny_siglip runs/tiny_siglip_export
+	test -f $(SHAPES96)/sizes.json || $(BIN)/vlscale shards synthetic --out $(SHAPES96) \
+		--train 20000 --val 512 --seed 0 --image-size 96
+	test -f runs/tiny_cells/eval.json || $(BIN)/vlscale train tiny_cells
+	test -f runs/tiny_cells_export/vision/config.json || \
+		$(BIN)/vlscale export runs/tiny_cells runs/tiny_cells_export
 	test -f $(VQA)/shapes_colour/sizes.json || ( \
-		$(BIN)/vlscale shards synthetic-vqa --out data/vqa_parquet --train 10000 --val 300 && \
+		$(BIN)/vlscale shards synthetic-vqa --out data/vqa_parquet --train 10000 --val 300 \
+			--image-size 96 && \
 		$(BIN)/vlscale shards finevision --source data/vqa_parquet --subsets $(VQA_SUBSETS) \
 			--out $(VQA) --val-samples 300 --shard-size 500 )
 
@@ -66,19 +71,20 @@ demo-vlm: vlm-inputs
 	$(BIN)/vlscale train tiny_vlm_stage2
 	$(BIN)/vlscale report runs/tiny_vlm_stage2
 	$(BIN)/python -c "from core.data.synthetic import render, sample_attributes; import random; \
-		render(sample_attributes(random.Random(7)), 64).save('runs/tiny_vlm_stage2/example.png')"
+		render(sample_attributes(random.Random(7)), 96).save('runs/tiny_vlm_stage2/example.png')"
 	$(BIN)/vlscale generate runs/tiny_vlm_stage2 --image runs/tiny_vlm_stage2/example.png \
 		--prompt "What colour is the shape at the top right?" --prompt "How many shapes are there?" \
 		--max-new-tokens 8
 	# Stage 3: chain-of-thought SFT on synthetic rows in LLaVA-CoT-100k's layout; stage 4: DPO on
 	# reasoned preference pairs in RLAIF-V's layout; each converted as the real dataset is.
 	test -f $(COT)/sizes.json || ( \
-		$(BIN)/vlscale shards synthetic-cot --out data/cot_src --rows 6000 && \
+		$(BIN)/vlscale shards synthetic-cot --out data/cot_src --rows 6000 --image-size 96 && \
 		$(BIN)/vlscale shards llava-cot --source data/cot_src/train.jsonl --images data/cot_src \
 			--out $(COT) --val-fraction 0.05 --shard-size 500 )
 	$(BIN)/vlscale train tiny_vlm_stage3
 	test -f $(PREF)/sizes.json || ( \
-		$(BIN)/vlscale shards synthetic-preference --out data/pref_src --rows 6000 && \
+		$(BIN)/vlscale shards synthetic-preference --out data/pref_src --rows 6000 \
+			--image-size 96 && \
 		$(BIN)/vlscale shards rlaif-v --source data/pref_src --out $(PREF) --val-fraction 0.05 \
 			--shard-size 500 )
 	$(BIN)/vlscale train tiny_vlm_stage4
@@ -93,7 +99,7 @@ demo-paligemma: vlm-inputs
 	$(BIN)/vlscale train tiny_paligemma
 	$(BIN)/vlscale report runs/tiny_paligemma
 	$(BIN)/python -c "from core.data.synthetic import render, sample_attributes; import random; \
-		render(sample_attributes(random.Random(7)), 64).save('runs/tiny_paligemma/example.png')"
+		render(sample_attributes(random.Random(7)), 96).save('runs/tiny_paligemma/example.png')"
 	$(BIN)/vlscale generate runs/tiny_paligemma --image runs/tiny_paligemma/example.png \
 		--prompt "answer en What colour is the shape at the top right?" --prompt "caption en" \
 		--max-new-tokens 12

@@ -171,7 +171,8 @@ def test_task_kind_selects_its_sections(recipe):
         # every registered kind, sorted (test files may register kinds of their own)
         (
             ["task.kind=nope"],
-            r"'nope' is not a task; valid kinds: cappa, paligemma, siglip, siglip2, (\w+, )*vlm",
+            r"'nope' is not a task; valid kinds: cappa, cells, paligemma, siglip, siglip2, "
+            r"(\w+, )*vlm",
         ),
         (["engine.freeze=[vision]"], r"'engine.freeze' moved to task.freeze"),
         (["eval.zeroshot=false"], r"'eval.zeroshot' moved to eval.evaluators"),

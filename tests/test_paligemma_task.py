@@ -61,6 +61,7 @@ def overrides(vqa: Path, tok: Path, run_dir: Path, steps: int = STEPS, **extra) 
         "model.tokenizer": str(tok),
         "data.train": str(vqa / "{subset}" / "train-*.tar"),
         "data.val": str(vqa / "{subset}" / "val-*.tar"),
+        "task.freeze": "[]",  # everything trains (the paper's choice; the demo freezes its tower)
         "data.mixture": json.dumps({s: 1 for s in SUBSETS}),
         "data.batch_size": 8,
         "data.num_workers": 0,

@@ -4,7 +4,7 @@ registers the built-in kinds."""
 
 from __future__ import annotations
 
-from . import cappa, paligemma, siglip, vlm, vlm_dpo  # noqa: F401 - registers the built-in kinds
+from . import cappa, cells, paligemma, siglip, vlm, vlm_dpo  # noqa: F401 - registers the built-in kinds
 from .base import (
     TASKS,
     Captioner,
