@@ -12,7 +12,8 @@ in each of the 9 grid cells (or "empty"), batch 64, AdamW, 50 warm-up steps. Eve
 prints the accuracy on the occupied cells of 512 held-out scenes, overall and by shape size;
 at the end, which kind each true kind was taken for. `--colour` also names each cell's colour
 (and prints its accuracy). `--save DIR` writes the trained tower in Hugging Face layout, e.g. to
-give the staged VLM a tower that has been taught shape.
+give the staged VLM a tower that has been taught shape. The VLM demos train such a tower as a
+recipe, on shapes shards instead of fresh scenes: `vlscale train tiny_cells` (core/tasks/cells.py).
 """
 
 from __future__ import annotations
