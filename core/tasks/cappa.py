@@ -44,7 +44,7 @@ from ..flops import TowerCost
 from ..losses import sigmoid_loss
 from ..models.cappa import CapPaDecoder, CapPaDecoderArgs
 from .base import Captioner, ImageEncoder, Task, TaskOutput, register_task
-from .common import build_tokenizer, load_tower, make_stream, val_mixture
+from .common import build_tokenizer, load_tower, make_stream, tower_features, val_mixture
 from .siglip import ImageTextDataConfig, SigLIPConfig, SigLIPTask
 
 DECODER_TASKS = ("caption", "referring", "grounded")
@@ -388,8 +388,7 @@ class CapPaTask(Task, CaptionerMixin, ImageEncoder):
         return float(CaptionHead.target_mask(batch).sum())  # the decoder's target tokens
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision(pixel_values)
-        return (hidden[:, 1:] if self.vision.has_cls_token else hidden).mean(dim=1)
+        return tower_features(self.vision, pixel_values)
 
     def preprocess_image(self, data: bytes) -> torch.Tensor:
         return self.text_decoder.base.load_image(data)

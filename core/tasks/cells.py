@@ -33,7 +33,7 @@ from ..data.synthetic import COLOURS, POSITIONS, SHAPES
 from ..export import save_image_processor
 from ..flops import TowerCost
 from .base import ImageEncoder, Task, TaskOutput, register_task
-from .common import load_tower, make_stream
+from .common import load_tower, make_stream, tower_features
 
 SHAPE_CLASSES = ("empty", *SHAPES)
 COLOUR_CLASSES = ("empty", *COLOURS)
@@ -140,8 +140,7 @@ class CellsTask(Task, ImageEncoder):
         return float(len(batch["pixel_values"]))  # forward sums per-image losses
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision(pixel_values)
-        return (hidden[:, 1:] if self.vision.has_cls_token else hidden).mean(dim=1)
+        return tower_features(self.vision, pixel_values)
 
     def preprocess_image(self, data: bytes) -> torch.Tensor:
         return self.sample_decoder.load_image(data)

@@ -57,6 +57,13 @@ def pool_tokens(hidden: torch.Tensor, mask: torch.Tensor | None, how: str) -> to
     raise ValueError(f"unknown pooling {how!r}")
 
 
+def tower_features(vision, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[n, d]: a vision tower's output tokens mean-pooled, its CLS token (if any) left out: what
+    every kind's `ImageEncoder.image_features` reports, so linear probes compare towers alike."""
+    hidden = vision(pixel_values)
+    return (hidden[:, 1:] if vision.has_cls_token else hidden).mean(dim=1)
+
+
 def make_stream(
     cfg: Config, dist, urls: str, decode, *, train: bool, collate=None, mixture=None,
     batch_size: int = 0,

@@ -40,7 +40,14 @@ from ..models.decoder import Decoder
 from ..models.paligemma import PaliGemma
 from ..models.vision import SiglipVision
 from .base import Generative, ImageEncoder, Task, TaskOutput, register_task
-from .common import build_tokenizer, load_tower, make_stream, val_mixture, vision_lm_costs
+from .common import (
+    build_tokenizer,
+    load_tower,
+    make_stream,
+    tower_features,
+    val_mixture,
+    vision_lm_costs,
+)
 from .vlm import decode_until
 
 
@@ -189,8 +196,7 @@ class PaliGemmaTask(Task, Generative, ImageEncoder):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The SigLIP tower's output tokens mean-pooled, before the projector."""
-        hidden = self.model.vision(pixel_values)
-        return (hidden[:, 1:] if self.model.vision.has_cls_token else hidden).mean(dim=1)
+        return tower_features(self.model.vision, pixel_values)
 
     def preprocess_image(self, data: bytes) -> torch.Tensor:
         return self.loader(data)  # the validation images' (resized whole to S x S, no crop)

@@ -26,7 +26,14 @@ from ..flops import TowerCost
 from ..losses import sigmoid_loss
 from ..models import hub, two_tower
 from .base import ImageTextEmbedder, Task, TaskOutput, register_task
-from .common import build_tokenizer, load_tower, make_stream, pool_tokens, val_mixture
+from .common import (
+    build_tokenizer,
+    load_tower,
+    make_stream,
+    pool_tokens,
+    tower_features,
+    val_mixture,
+)
 
 
 @dataclass
@@ -146,8 +153,7 @@ class SigLIPTask(Task, ImageTextEmbedder):
                 + c["heads"].flops(n, 0))  # fmt: skip
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.vision(pixel_values)
-        return (hidden[:, 1:] if self.vision.has_cls_token else hidden).mean(dim=1)
+        return tower_features(self.vision, pixel_values)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.embed_image(self.vision(pixel_values))

@@ -40,7 +40,14 @@ from ..models import hub
 from ..models.generation import generate
 from ..models.vlm import Projector, choose_shuffle, splice_images
 from .base import Generative, ImageEncoder, Task, TaskOutput, register_task
-from .common import build_tokenizer, load_tower, make_stream, val_mixture, vision_lm_costs
+from .common import (
+    build_tokenizer,
+    load_tower,
+    make_stream,
+    tower_features,
+    val_mixture,
+    vision_lm_costs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +244,7 @@ class VLMTask(Task, Generative, ImageEncoder):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's output tokens mean-pooled (CLS dropped), before the projector: its final
         output whichever layer the projector reads (`vision_feature_layer`)."""
-        hidden = self.vision(pixel_values)
-        return (hidden[:, 1:] if self.vision.has_cls_token else hidden).mean(dim=1)
+        return tower_features(self.vision, pixel_values)
 
     def preprocess_image(self, data: bytes) -> torch.Tensor:
         return self.train_decoder.load_image(data)  # what val_stream decodes images with
