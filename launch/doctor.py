@@ -7,7 +7,8 @@ Each check prints one line, `ok`, `skip` (with why) or `FAIL`:
   all-reduce  bus bandwidth of an all-reduce over the job's ranks (torchrun or SLURM; `srun
               vlscale doctor` / `torchrun --nproc_per_node=8 -m launch.cli doctor`)
   run         RECIPE for --steps steps in a temporary run directory: its model FLOP/s and MFU,
-              and its peak memory beside what `vlscale plan` predicts for its engine
+              step time and data wait (last logging window), and its peak memory beside what
+              `vlscale plan` predicts for its engine
 Run under several ranks, every rank checks its own devices; rank 0 prints. Exit code 1 if any
 check failed.
 """
@@ -201,12 +202,17 @@ def check_run(report: Report, recipe: str, overrides: list[str], steps: int, dis
         used, what = _peak_rss(), "peak resident (process, runtime included)"
     mfu = f"MFU {100 * last['mfu']:.1f}%" if "mfu" in last else "MFU unknown (no peak)"
     flops = last.get("flops_per_s", 0) / 1e12
+    # The last logging window's step time and the share of it spent waiting for batches: a low
+    # MFU with a high data wait is the input pipeline's, not the model's.
+    step_s, wait = last.get("step_time_s", float("nan")), last.get("data_wait_frac", float("nan"))
     report.add("run", "ok", f"{cfg.name} ({cfg.engine.kind}, {cfg.engine.precision}, "
                f"{dist.world_size} ranks): {steps} steps in {seconds:.0f} s, loss "
                f"{rows[0 if 'loss' in rows[0] else 1].get('loss', float('nan')):.3f} -> "
-               f"{last['loss']:.3f}, {flops:.3f} model TFLOP/s per rank, {mfu}; memory: plan "
+               f"{last['loss']:.3f}, {flops:.3f} model TFLOP/s per rank, {mfu}, "
+               f"{step_s:.3f} s/step, data wait {100 * wait:.1f}%; memory: plan "
                f"{planned / GiB:.3f} GiB, {what} {used / GiB:.3f} GiB", tflops=flops,
-               mfu=last.get("mfu"), planned_gib=planned / GiB, used_gib=used / GiB)  # fmt: skip
+               mfu=last.get("mfu"), step_time_s=step_s, data_wait_frac=wait,
+               planned_gib=planned / GiB, used_gib=used / GiB)  # fmt: skip
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
 

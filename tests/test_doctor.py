@@ -25,6 +25,8 @@ def test_doctor_cpu_path_with_a_short_run(shapes_dir, tmp_path):
     run = rows["run"]
     assert run["tflops"] > 0 and run["mfu"] is None  # no CPU peak: FLOP/s, no MFU
     assert 0 < run["planned_gib"] < run["used_gib"]  # the CPU figure includes the runtime
+    assert run["step_time_s"] > 0 and 0 <= run["data_wait_frac"] < 1
+    assert f"data wait {100 * run['data_wait_frac']:.1f}%" in rows["run"]["detail"]
     assert "skip  flash-attn" in stdout and "tiny_siglip (ddp, fp32, 1 ranks)" in stdout
 
 
