@@ -48,7 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     from core.preemption import EXIT_INTERRUPTED, Interrupted
     from core.runlock import RunLocked
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes a command's positionals in one run: in `vlscale doctor RECIPE --steps 20
+    # key=value` the override after the option would be "unrecognized". Overrides may follow
+    # options; anything else unknown is still an error.
+    if extra:
+        if not isinstance(getattr(args, "overrides", None), list) or any(
+            a.startswith("-") or "=" not in a for a in extra
+        ):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args._module.main(args) or 0)
     except (ConfigError, RunLocked) as err:  # bad config, or run dir in use: one line, no trace

@@ -42,3 +42,19 @@ def test_bad_override_is_a_clear_error_before_anything_starts(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "unknown key 'optim.lrr'" in err and "did you mean 'optim.lr'" in err
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_overrides_may_follow_options(capsys, shapes_dir):
+    # argparse alone rejects the override after --gpus; the CLI takes it, in order.
+    tok = f"model.tokenizer={shapes_dir / 'tokenizer'}"
+    assert main(["plan", "tiny_siglip", tok, "--gpus", "2", "data.batch_size=64", "--gpu-mem",
+                 "80"]) == 0  # fmt: skip
+    assert "micro-batch 64/GPU" in capsys.readouterr().out
+    for bad in (["--bogus"], ["stray"]):  # an unknown option or a word without '=' still fails
+        try:
+            main(["plan", "tiny_siglip", tok, "--gpus", "2", "--gpu-mem", "80", *bad])
+        except SystemExit as stop:
+            assert stop.code == 2
+        else:
+            raise AssertionError(f"{bad} was accepted")
+        assert "unrecognized arguments" in capsys.readouterr().err
