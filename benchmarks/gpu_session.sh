@@ -5,7 +5,11 @@
 #
 # SECONDS (default 540) is the script's whole budget: every phase runs under `timeout`, and the
 # last one (cappa) gets what is left. PHASES (default: all, in this order):
-#   env        GPU, driver, torch; carried wheels (.whl/*.whl) installed into /tmp/site first
+#   env        GPU, driver, torch; carried wheels (.whl/*.whl) installed into /tmp/site first: on
+#              a machine with torch and transformers but no network (the 2026-12-04 H200), the
+#              rest of vlscale's needs as cp312 wheels: webdataset, braceexpand; deepspeed (built
+#              with `pip wheel --no-deps deepspeed`), hjson, pydantic, pydantic-core,
+#              annotated-types, typing-inspection; datasets, dill, multiprocess (vlm phase)
 #   doctor     `vlscale doctor`: devices, bf16 matmul TFLOP/s, flash-attn, all-reduce
 #   attention  benchmarks/cuda_attention.py: the attention entry point vs float64, its kernels,
 #              packed rows' cost
