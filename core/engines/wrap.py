@@ -122,11 +122,16 @@ def ensure_process_group(device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=30)
+    # Bound to this rank's GPU, as init_distributed's groups are (without it every barrier on the
+    # H200 warned that it guessed the device).
+    device_id = device if device.type == "cuda" else None
     if "TORCHELASTIC_RUN_ID" in os.environ:
         # torchrun with one process: its agent serves the rendezvous store on MASTER_PORT and
         # tells workers to join it as clients (TORCHELASTIC_USE_AGENT_STORE); a store of our own
         # on a fresh port would wait forever for a server that never comes.
-        tdist.init_process_group(backend, init_method="env://", timeout=timeout)
+        tdist.init_process_group(
+            backend, init_method="env://", timeout=timeout, device_id=device_id
+        )
         return
     with socket.socket() as s:  # a free port for the single-rank rendezvous
         s.bind(("127.0.0.1", 0))
@@ -136,8 +141,9 @@ def ensure_process_group(device: torch.device) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port))
     tdist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout
-    )
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timeout,
+        device_id=device_id,
+    )  # fmt: skip
 
 
 def own_metrics(model: nn.Module) -> None:
