@@ -71,8 +71,10 @@ def total_steps(cfg: Config, global_batch: int, train_samples: int | None) -> in
     return cfg.optim.max_steps
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training to the end; returns the last evaluation's metrics (rank 0)."""
+def train(cfg: Config, final_checkpoint: bool = True) -> dict:
+    """Run (or resume) training to the end; returns the last evaluation's metrics (rank 0).
+    `final_checkpoint=False` (`vlscale doctor`'s throwaway run) skips the checkpoint at the end:
+    for a large model that is the slowest part of a short check and a full copy on disk."""
     started = time.monotonic()  # metrics rows' `elapsed` counts from here (this job)
     dist = distributed.init_distributed(cfg.launch.backend, cfg.launch.timeout_minutes)
     preemption.install()  # SLURM's warning signal: finish the step, checkpoint, stop
@@ -83,10 +85,12 @@ def train(cfg: Config) -> dict:
     # One live job per run directory (core/runlock.py): taken before anything is written to it,
     # released however this returns (a crash releases it too: the OS drops the flock).
     with runlock.hold(cfg.run_dir, dist):
-        return _train(cfg, dist, started)
+        return _train(cfg, dist, started, final_checkpoint)
 
 
-def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
+def _train(
+    cfg: Config, dist: distributed.DistInfo, started: float, final_checkpoint: bool = True
+) -> dict:
     run_dir = Path(cfg.run_dir)
     ckpt = Checkpointer(run_dir, dist, cfg.checkpoint.keep)
     resume_from = ckpt.resolve_resume(cfg.resume)
@@ -178,7 +182,7 @@ def _train(cfg: Config, dist: distributed.DistInfo, started: float) -> dict:
         # The last checkpoint before the final evaluation: a time limit that falls during a long
         # evaluation then costs the evaluation, never the last steps; the resumed run (at the
         # last step) only evaluates.
-        if resume_from is None or start_step < steps:
+        if final_checkpoint and (resume_from is None or start_step < steps):
             save_checkpoint(ckpt, step, engine, train_stream)
         if start_step < steps or not final_eval_written(run_dir, steps):
             metrics, stopped = run_evaluators(evaluators, cfg, dist, engine, logger, step)

@@ -182,12 +182,13 @@ def check_run(report: Report, recipe: str, overrides: list[str], steps: int, dis
                                        dist.is_main else None)  # fmt: skip
     over = [*overrides, f"run_dir={tmp}", "resume=none", f"optim.max_steps={steps}",
             f"logging.every={max(1, steps // 2)}", "logging.wandb.mode=disabled",
-            "checkpoint.every=0", "eval.evaluators=[]", "logging.progress=false"]  # fmt: skip
+            "checkpoint.every=0", "eval.evaluators=[]", "logging.progress=false",
+            "logging.report=false"]  # fmt: skip
     cfg = load_config(recipe, over)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dist.device)
     start = time.perf_counter()
-    train(cfg)
+    train(cfg, final_checkpoint=False)  # a throwaway run: no checkpoint to write and delete
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "loss" in r][-1]
