@@ -17,7 +17,8 @@ run it, and what packed rows cost there.
    cuDNN or the math fallback).
 3. Cost of packing without flash-attn: forward + backward of a Qwen2.5-0.5B-shaped attention
    layer (14 query / 2 KV heads of 64, bf16) over rows of T tokens, causal (one sample per row)
-   against packed rows of `--segments` samples (SDPA with a dense [B, 1, T, T] mask), and against
+   against packed rows of `--segments` samples each (SDPA with a dense [B, 1, T, T] mask; default
+   8 and 32: a few long samples, and a VLM's many short ones), and against
    one causal SDPA call per segment (what `_per_segment` does on the CPU). Median of `--iters`,
    CUDA-synchronised; ratios against the causal row.
 """
@@ -188,7 +189,7 @@ def _sync(device):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seq", type=int, default=4096, help="row length of the packing comparison")
-    p.add_argument("--segments", type=int, default=8)
+    p.add_argument("--segments", type=int, nargs="+", default=[8, 32])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", type=Path)
@@ -198,7 +199,7 @@ def main() -> None:
     print(f"torch {torch.__version__} on {name}; flash-attn installed: {HAVE_FLASH}")
     print("relative max |error| vs float64 reference (out, dq, dk, dv); kernels launched:")
     rows = parity(device, torch.Generator().manual_seed(0))
-    cost = packing_cost(device, args.seq, args.segments, args.iters, args.batch)
+    cost = [packing_cost(device, args.seq, n, args.iters, args.batch) for n in args.segments]
     if args.json:
         args.json.write_text(json.dumps({"device": name, "flash_attn": HAVE_FLASH,
                                          "parity": rows, "packing": cost}, indent=1))  # fmt: skip
