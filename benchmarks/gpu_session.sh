@@ -96,8 +96,10 @@ shapes_count,shapes_position,shapes_caption,shapes_multiturn,shapes_text,shapes_
                 >/dev/null
         }
         for engine in ddp fsdp; do
+            # 64 samples a step (about 4 rows of 2,048): the 2026-12-04 run kept the recipe's 8,
+            # a step too small to measure MFU by (BENCHMARKS.md)
             phase "vlm-$engine" 150 $VLSCALE doctor --steps 20 --json "$RES/vlm-$engine.json" \
-                benchmarks/siq_vl_synthetic.yaml engine.kind=$engine
+                benchmarks/siq_vl_synthetic.yaml engine.kind=$engine data.batch_size=64
         done
         ;;
     cappa)
