@@ -19,8 +19,10 @@ the fp32 log-probabilities at the positions where the task applies its LM head. 
 with nothing trained before it (a frozen vision tower, stage 4's reference) keeps nothing; a
 frozen one behind a trained part (an LM behind a trained projector) keeps what its input's
 gradient needs. Activation checkpointing keeps a block's input (h b per token) for every
-checkpointed block and one block's full activations while it is recomputed. Held to measured
-forwards in tests/test_plan.py. `buffers` are the engine's own fixed-size buffers
+checkpointed block and one block's full activations while it is recomputed. ddp in bf16 trains
+under autocast over fp32 weights, which keeps more (fp32 norms, bf16 copies of the weights;
+`block_bytes_per_token`) than the sharded engines' bf16 weights. Held to measured forwards in
+tests/test_plan.py. `buffers` are the engine's own fixed-size buffers
 (`buffers_per_rank`: ZeRO-2's and ZeRO-3's gradient buckets of `reduce_bucket_size`, 24 MiB
 each at ds_configs/' 6.25M elements in fp32, whatever the model's size). The CUDA context,
 the process itself and fragmentation are not counted: keep ~10-20% headroom.
@@ -74,7 +76,9 @@ def count_parameters(cfg) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def block_bytes_per_token(block: torch.nn.Module, hidden: int, trained: bool, b: int) -> int:
+def block_bytes_per_token(
+    block: torch.nn.Module, hidden: int, trained: bool, b: int, autocast: bool = False
+) -> int:
     """Bytes one token leaves saved for backward in one transformer block (b bytes an element),
     counted from the block's modules as autograd saves them:
       norms      input, output (+ the normalised tensor our RMSNorm multiplies by its weight);
@@ -84,7 +88,11 @@ def block_bytes_per_token(block: torch.nn.Module, hidden: int, trained: bool, b:
       MLP        each up projection's output and the activation's (SwiGLU: gate, up, silu(gate),
                  their product = 4 i); frozen, the input of the down projection is not kept
     Frozen here: the block's weights do not train but its input needs a gradient (something
-    upstream trains), as a frozen LM behind a trained projector."""
+    upstream trains), as a frozen LM behind a trained projector.
+    `autocast` (ddp in bf16: fp32 weights, bf16 autocast): the norms run in fp32 on the fp32
+    residual stream, so what they keep is 4 bytes an element, and the projection after each norm
+    keeps its own bf16 copy of the norm's output (2 bytes); the rest is bf16 as it is with bf16
+    weights. Measured on tiny_siglip: autocast keeps 1.28x what bf16 weights do."""
     from core.models.decoder import RMSNorm
 
     linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
@@ -99,14 +107,18 @@ def block_bytes_per_token(block: torch.nn.Module, hidden: int, trained: bool, b:
             # a norm narrower than the block (Qwen3's q/k norms) runs over q and k: count the
             # block's width for it (k is at most as wide as q)
             kept = (3 if isinstance(m, RMSNorm) else 2) if trained else 1
-            norms += kept * hidden
-    return (norms + attention + mlp) * b
+            if not autocast:
+                norms += kept * hidden * b
+            else:  # fp32 elements, one of them (the output) as the next projection's bf16 cast
+                norms += (kept * 4 - 2 if trained else 4) * hidden
+    return norms + (attention + mlp) * (2 if autocast else b)
 
 
-def _towers(cfg) -> tuple[list[dict], int]:
+def _towers(cfg, autocast: bool = False) -> tuple[list[dict], int]:
     """Per `blocks()` tower of the recipe's task (built on the meta device): tokens per sample,
-    width, blocks, activation bytes per token and block, and whether backward keeps them; and
-    the bytes of the log-probabilities one sample keeps at its LM head."""
+    width, blocks, activation bytes per token and block, whether backward keeps them, and (under
+    `autocast`) the bytes of the bf16 weight copies its projections keep for backward; and the
+    bytes of the log-probabilities one sample keeps at its LM head."""
     from core.tasks import build_task
 
     with torch.device("meta"):
@@ -120,31 +132,41 @@ def _towers(cfg) -> tuple[list[dict], int]:
         weights = [p for p in blocks[0].parameters() if p.ndim == 2]
         hidden = getattr(tower, "hidden_size", None) or weights[0].shape[1]
         trained = any(p.requires_grad for p in blocks[0].parameters())
-        per_token = block_bytes_per_token(blocks[0], hidden, trained, b)
-        towers.append(dict(tokens=tokens_per_sample[name], hidden=hidden,
-                           blocks=len(blocks), keeps=keeps[name], per_token=per_token))  # fmt: skip
+        per_token = block_bytes_per_token(blocks[0], hidden, trained, b, autocast)
+        # Autocast's bf16 copy of every projection weight, kept for the input gradient.
+        casts = 2 * sum(p.numel() for p in blocks.parameters() if p.ndim == 2) if autocast else 0
+        towers.append(dict(tokens=tokens_per_sample[name], hidden=hidden, blocks=len(blocks),
+                           keeps=keeps[name], per_token=per_token, weight_casts=casts))  # fmt: skip
     positions, vocab = task.logits_per_sample()
     return towers, positions * vocab * 4  # log-softmax of fp32 logits, kept for the loss
 
 
-def activations(cfg, mode: str) -> int:
+def activations(cfg, mode: str, autocast: bool | None = None) -> int:
     """Estimated activation bytes of one micro-batch (data.batch_size samples, each as long as
     the task allows: `Task.tokens_per_sample`) on one GPU: the blocks of every tower whose
     activations backward needs (`Task.keeps_activations`), and the LM head's log-probabilities
-    at the positions it computes them (`Task.logits_per_sample`)."""
+    at the positions it computes them (`Task.logits_per_sample`). `autocast`: whether the engine
+    trains bf16 under autocast over fp32 weights (default: what cfg.engine.kind does)."""
+    from core.engines import engine_class
+
     b = 2 if cfg.engine.precision == "bf16" else 4
-    towers, logits = _towers(cfg)
+    if autocast is None:
+        autocast = b == 2 and engine_class(cfg.engine.kind).trains_under_autocast
+    towers, logits = _towers(cfg, autocast)
     total = cfg.data.batch_size * logits
     for t in towers:
         if not t["keeps"]:
             continue  # frozen, nothing trained before it: run without keeping anything
         block = cfg.data.batch_size * t["tokens"] * t["per_token"]
-        block_input = cfg.data.batch_size * t["tokens"] * t["hidden"] * b
+        # a checkpointed block keeps its input: under autocast the fp32 residual stream
+        block_input = cfg.data.batch_size * t["tokens"] * t["hidden"] * (4 if autocast else b)
         k = max(cfg.engine.ac_every_k, 1)
         checkpointed = {"none": 0, "full": t["blocks"], "every_k": -(-t["blocks"] // k)}[mode]
         total += (t["blocks"] - checkpointed) * block + checkpointed * block_input
         if checkpointed:
             total += block  # one block's activations while it is recomputed
+        # a checkpointed block's weight casts are made again when it is recomputed, not kept
+        total += t["weight_casts"] * (t["blocks"] - checkpointed) // t["blocks"]
     return int(total)
 
 
@@ -157,27 +179,36 @@ def options() -> list[tuple[str, str]]:
 
 def plan(cfg, gpus: int, gpu_mem_gib: float) -> list[dict]:
     n, t = count_parameters(cfg)
-    act = {mode: activations(cfg, mode) for mode in ("none", "full")}
+    from core.engines import engine_class
+
+    # Per engine: ddp trains bf16 under autocast over fp32 weights, the sharded engines with
+    # bf16 weights, and autocast keeps more (block_bytes_per_token).
+    act, act_ac = {}, {}
+    for kind, _ in options():
+        autocast = cfg.engine.precision == "bf16" and engine_class(kind).trains_under_autocast
+        act[kind] = activations(cfg, "none", autocast)
+        act_ac[kind] = activations(cfg, "full", autocast)
     bufs = {(k, o): buffers(cfg, k, o, t, gpus) for k, o in options()}
-    return plan_rows(n, t, cfg.engine.precision, act["none"], act["full"], gpus, gpu_mem_gib,
-                     bufs)  # fmt: skip
+    return plan_rows(n, t, cfg.engine.precision, act, act_ac, gpus, gpu_mem_gib, bufs)
 
 
-def plan_rows(n: int, t: int, precision: str, act: int, act_ac: int, gpus: int,
+def plan_rows(n: int, t: int, precision: str, act: int | dict, act_ac: int | dict, gpus: int,
               gpu_mem_gib: float, bufs: dict | None = None) -> list[dict]:  # fmt: skip
     """One row per `options()`: model state per GPU, the engine's buffers (`bufs`, by (kind,
-    offload); none if not given), activations without and with activation checkpointing, and
-    whether each fits in `gpu_mem_gib`."""
+    offload); none if not given), activations without and with activation checkpointing (one
+    figure, or one per engine kind), and whether each fits in `gpu_mem_gib`."""
     rows = []
     for kind, offload in options():
+        a = act[kind] if isinstance(act, dict) else act
+        a_ac = act_ac[kind] if isinstance(act_ac, dict) else act_ac
         state = model_state(kind, offload, precision, n, t, gpus)
         state["buffers"] = (bufs or {}).get((kind, offload), 0)
         states = sum(state.values())
         rows.append({
             "engine": kind, "offload": offload, **state,
-            "activations": act, "activations_ac": act_ac,
-            "fits": states + act <= gpu_mem_gib * GiB,
-            "fits_ac": states + act_ac <= gpu_mem_gib * GiB,
+            "activations": a, "activations_ac": a_ac,
+            "fits": states + a <= gpu_mem_gib * GiB,
+            "fits_ac": states + a_ac <= gpu_mem_gib * GiB,
         })  # fmt: skip
     return rows
 

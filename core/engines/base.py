@@ -38,6 +38,9 @@ class Engine:
     # The loop builds the task with stand-ins for the weights of Hugging Face checkpoints
     # (core/lazy_tensors.py) and the engine reads each rank's shards of them (fsdp).
     loads_into_shards: bool = False
+    # bf16 runs train under autocast over fp32 weights (ddp), rather than with bf16 weights: what
+    # `vlscale plan` needs to know, as autocast keeps more activations (launch/plan.py).
+    trains_under_autocast: bool = False
 
     @staticmethod
     def buffers_per_rank(cfg, t: int, w: int) -> int:

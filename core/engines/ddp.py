@@ -29,6 +29,8 @@ from .wrap import prepare
 
 
 class DDPEngine(Engine):
+    trains_under_autocast = True
+
     def __init__(self, task: torch.nn.Module, cfg: Config, dist: DistInfo, lr: float, total: int):
         self.task = task.to(dist.device)
         self.dist = dist
