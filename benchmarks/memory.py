@@ -128,8 +128,26 @@ def activation_bytes(task: torch.nn.Module, batch: dict, repeats: int = 3) -> in
     return min(results)
 
 
-def measure_activations(overrides: list[str], batch_size: int) -> dict[str, int]:
-    """Activation memory of the tiny_siglip model, per AC mode (one process, no engine)."""
+class _Autocast(torch.nn.Module):
+    """The task's forward under bf16 autocast, as ddp runs it in a bf16 run."""
+
+    def __init__(self, task: torch.nn.Module):
+        super().__init__()
+        self.task = task
+
+    def forward(self, batch: dict):
+        device = batch["pixel_values"].device.type
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return self.task(batch)
+
+
+def measure_activations(
+    overrides: list[str], batch_size: int, modes=("none", "every_k", "full"), compute="weights"
+) -> dict[str, int]:
+    """Activation memory of the tiny_siglip model, per AC mode (one process, no engine).
+    `compute`: "weights" runs in the dtype the task is built in (fp32); "bf16" casts the task
+    and the pixels to bf16 (the sharded engines' bf16 weights); "autocast" keeps fp32 weights
+    under bf16 autocast (ddp's bf16)."""
     from core.engines.wrap import apply_activation_checkpointing
     from core.recipe import load_config
     from core.tasks import build_task
@@ -142,11 +160,17 @@ def measure_activations(overrides: list[str], batch_size: int) -> dict[str, int]
         "input_ids": torch.randint(0, 100, (batch_size, cfg.data.max_text_len), generator=g),
         "attention_mask": torch.ones(batch_size, cfg.data.max_text_len, dtype=torch.long),
     }
+    if compute == "bf16":
+        batch["pixel_values"] = batch["pixel_values"].bfloat16()
     out = {}
-    for mode in ("none", "every_k", "full"):
+    for mode in modes:
         torch.manual_seed(0)
         task = build_task(cfg)
         apply_activation_checkpointing(task.blocks(), mode, every_k=2)
+        if compute == "bf16":
+            task = task.bfloat16()
+        elif compute == "autocast":
+            task = _Autocast(task)
         out[mode] = activation_bytes(task, batch)
     return out
 

@@ -183,11 +183,12 @@ def plan(cfg, gpus: int, gpu_mem_gib: float) -> list[dict]:
 
     # Per engine: ddp trains bf16 under autocast over fp32 weights, the sharded engines with
     # bf16 weights, and autocast keeps more (block_bytes_per_token).
-    act, act_ac = {}, {}
-    for kind, _ in options():
-        autocast = cfg.engine.precision == "bf16" and engine_class(kind).trains_under_autocast
-        act[kind] = activations(cfg, "none", autocast)
-        act_ac[kind] = activations(cfg, "full", autocast)
+    # Each estimate builds the task on the meta device: once per mode and autocast, not engine.
+    autocast = {k: cfg.engine.precision == "bf16" and engine_class(k).trains_under_autocast
+                for k, _ in options()}  # fmt: skip
+    by = {(m, a): activations(cfg, m, a) for m in ("none", "full") for a in set(autocast.values())}
+    act = {k: by["none", a] for k, a in autocast.items()}
+    act_ac = {k: by["full", a] for k, a in autocast.items()}
     bufs = {(k, o): buffers(cfg, k, o, t, gpus) for k, o in options()}
     return plan_rows(n, t, cfg.engine.precision, act, act_ac, gpus, gpu_mem_gib, bufs)
 

@@ -198,33 +198,14 @@ def test_plan_activations_under_bf16_autocast_and_bf16_weights(shapes_dir):
     (within 15% of a measured forward; autocast keeps ~1.28x more), and plans each engine with
     its own. On one H200 the autocast count put ddp's planned peak 2.5% under the measured one
     at siglip_cc3m's shapes (17% under before; BENCHMARKS.md, "On an H200")."""
-    from benchmarks.memory import activation_bytes
-    from core.tasks import build_task
+    from benchmarks.memory import measure_activations
     from launch.plan import activations
 
     over = ["engine.precision=bf16", "data.batch_size=32", "data.num_workers=0",
             f"model.tokenizer={shapes_dir / 'tokenizer'}"]  # fmt: skip
     cfg = load_config("tiny_siglip", over)
-    size, n_text = cfg.model.vision_config["image_size"], cfg.data.max_text_len
-    g = torch.Generator().manual_seed(0)
-    batch = {"pixel_values": torch.randn(32, 3, size, size, generator=g),
-             "input_ids": torch.randint(0, 100, (32, n_text), generator=g),
-             "attention_mask": torch.ones(32, n_text, dtype=torch.long)}  # fmt: skip
-
-    class Autocast(torch.nn.Module):
-        def __init__(self, task):
-            super().__init__()
-            self.task = task
-
-        def forward(self, b):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.task(b)
-
-    torch.manual_seed(0)
-    autocast = activation_bytes(Autocast(build_task(cfg)), batch)
-    torch.manual_seed(0)
-    bf16 = {k: v.bfloat16() if v.is_floating_point() else v for k, v in batch.items()}
-    weights = activation_bytes(build_task(cfg).bfloat16(), bf16)
+    autocast, weights = (measure_activations(over, 32, ("none",), compute)["none"]
+                         for compute in ("autocast", "bf16"))  # fmt: skip
     assert autocast > 1.15 * weights  # what the plan missed before
     for measured, planned in ((autocast, activations(cfg, "none", autocast=True)),
                               (weights, activations(cfg, "none", autocast=False))):  # fmt: skip
