@@ -36,6 +36,10 @@ def overrides(shapes: Path, run_dir: Path, steps: int = STEPS, **extra) -> list[
         "model.vision_config": json.dumps(TINY_VISION),
         "model.tokenizer": str(shapes / "tokenizer"),
         "task.decoder.layers": 2,
+        # CapPa's mix of modes and a weight decay (the demo recipe has neither): the tests cover
+        # both modes in one batch and the decayed and undecayed parameter groups
+        "task.masked_pred_prob": 0.75,
+        "optim.weight_decay": 0.1,
         "data.train": str(shapes / "train-{000000..000002}.tar"),
         "data.val": str(shapes / "val-000000.tar"),
         "data.batch_size": 8,
